@@ -1,0 +1,1 @@
+// Only here so CMake has a translation unit to build the shared PCH with.

@@ -1,0 +1,65 @@
+#pragma once
+/// @file
+/// The exception types every peft function throws on bad input.
+
+#include <fmt/format.h>
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace peft {
+
+/// Base of every error peft raises. The message names the module, tensor,
+/// option or file at fault and what was expected.
+///
+/// ```
+/// try { peft::LoRALinear layer(base, peft::LoraOptions(0)); }
+/// catch (const peft::Error& e) { std::cerr << e.what(); }
+/// ```
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// An option or config value outside its allowed range.
+class OptionError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A tensor whose shape, dtype or device does not fit.
+class ShapeError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A target-module pattern that matched nothing, or matched the wrong kind of module.
+class TargetError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A model that lacks what a method needs (frozen export, missing attention, ...).
+class ModelError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A file that is missing, unreadable, corrupt or for a different model.
+class FileError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// Throws `E` with a fmt-formatted message when `ok` is false.
+///
+/// ```
+/// peft::check<peft::OptionError>(r > 0, "LoraOptions.r must be > 0, got {}", r);
+/// ```
+template <typename E = Error, typename... Args>
+inline void check(bool ok, fmt::format_string<Args...> message, Args&&... args) {
+  if (!ok) throw E(fmt::format(message, std::forward<Args>(args)...));
+}
+
+}  // namespace peft

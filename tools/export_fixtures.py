@@ -1,0 +1,386 @@
+#!/usr/bin/python3
+"""Export the three small transformer fixtures every C++ test builds on.
+
+Run with Debian's interpreter (/usr/bin/python3, python3-torch 1.13, the same
+version as libtorch-dev):
+
+    /usr/bin/python3 tools/export_fixtures.py --out build/fixtures
+
+For each architecture (gpt2, bert, llama) it writes
+  <arch>_scripted.pt   torch.jit.script of the model
+  <arch>_traced.pt     torch.jit.trace of the same weights
+  <arch>_ref.pt        a scripted container whose buffers hold the reference
+                       inputs and the output computed here in eager mode
+Module names follow the Hugging Face checkpoints users meet, so target-module
+patterns written for real models work on the fixtures. Everything is seeded,
+so the script is the source of truth and CMake regenerates the files.
+"""
+import argparse
+import math
+import os
+from typing import List, Optional
+
+import torch
+from torch import nn, Tensor
+import torch.nn.functional as F
+
+HIDDEN = 64
+HEADS = 4
+LAYERS = 2
+VOCAB = 100
+MAX_POS = 32
+
+
+class Conv1D(nn.Module):
+    """GPT-2's projection: weight stored [in, out], applied as x @ W + b."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.02)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.matmul(x, self.weight) + self.bias
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    b, t, d = x.size(0), x.size(1), x.size(2)
+    return x.view(b, t, heads, d // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    b, h, t, hd = x.size(0), x.size(1), x.size(2), x.size(3)
+    return x.transpose(1, 2).contiguous().view(b, t, h * hd)
+
+
+# ---------------------------------------------------------------- GPT-2 style
+class GPT2Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_attn = Conv1D(HIDDEN, 3 * HIDDEN)
+        self.c_proj = Conv1D(HIDDEN, HIDDEN)
+        self.hidden = HIDDEN
+        self.heads = HEADS
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.c_attn(x).split(self.hidden, dim=2)
+        q, k, v = split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hidden // self.heads)
+        t = x.size(1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, -1e9)
+        out = torch.matmul(F.softmax(scores, dim=-1), v)
+        return self.c_proj(merge_heads(out))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = Conv1D(HIDDEN, 4 * HIDDEN)
+        self.c_proj = Conv1D(4 * HIDDEN, HIDDEN)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(HIDDEN)
+        self.attn = GPT2Attention()
+        self.ln_2 = nn.LayerNorm(HIDDEN)
+        self.mlp = GPT2MLP()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, HIDDEN)
+        self.wpe = nn.Embedding(MAX_POS, HIDDEN)
+        self.h = nn.ModuleList([GPT2Block() for _ in range(LAYERS)])
+        self.ln_f = nn.LayerNorm(HIDDEN)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(positions).unsqueeze(0)
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """forward(input_ids [B, T] long) -> logits [B, T, VOCAB]."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = GPT2Body()
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm_head(self.transformer(input_ids))
+
+
+# ----------------------------------------------------------------- BERT style
+class BertEmbeddings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(VOCAB, HIDDEN)
+        self.position_embeddings = nn.Embedding(MAX_POS, HIDDEN)
+        self.token_type_embeddings = nn.Embedding(2, HIDDEN)
+        self.LayerNorm = nn.LayerNorm(HIDDEN, eps=1e-12)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        token_types = torch.zeros_like(input_ids)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions).unsqueeze(0)
+             + self.token_type_embeddings(token_types))
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(HIDDEN, HIDDEN)
+        self.key = nn.Linear(HIDDEN, HIDDEN)
+        self.value = nn.Linear(HIDDEN, HIDDEN)
+        self.dropout = nn.Dropout(0.1)
+        self.heads = HEADS
+        self.head_dim = HIDDEN // HEADS
+
+    def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
+        q = split_heads(self.query(x), self.heads)
+        k = split_heads(self.key(x), self.heads)
+        v = split_heads(self.value(x), self.heads)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        probs = self.dropout(F.softmax(scores + additive_mask, dim=-1))
+        return merge_heads(torch.matmul(probs, v))
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, n_in: int):
+        super().__init__()
+        self.dense = nn.Linear(n_in, HIDDEN)
+        self.LayerNorm = nn.LayerNorm(HIDDEN, eps=1e-12)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self = BertSelfAttention()
+        self.output = BertSelfOutput(HIDDEN)
+
+    def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
+        return self.output(self.self(x, additive_mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(HIDDEN, 2 * HIDDEN)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = BertAttention()
+        self.intermediate = BertIntermediate()
+        self.output = BertSelfOutput(2 * HIDDEN)
+
+    def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
+        x = self.attention(x, additive_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer() for _ in range(LAYERS)])
+
+    def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
+        for layer in self.layer:
+            x = layer(x, additive_mask)
+        return x
+
+
+class BertModel(nn.Module):
+    """forward(input_ids [B, T] long, attention_mask [B, T] 1=token 0=pad)
+    -> last hidden state [B, T, HIDDEN]."""
+
+    def __init__(self):
+        super().__init__()
+        self.embeddings = BertEmbeddings()
+        self.encoder = BertEncoder()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        x = self.embeddings(input_ids)
+        additive_mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
+        return self.encoder(x, additive_mask)
+
+
+# ---------------------------------------------------------------- LLaMA style
+KV_HEADS = 2
+HEAD_DIM = HIDDEN // HEADS
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(HIDDEN))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(HIDDEN, HEADS * HEAD_DIM, bias=False)
+        self.k_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False)
+        self.v_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False)
+        self.o_proj = nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+        self.register_buffer("inv_freq", inv_freq)
+        self.heads = HEADS
+        self.kv_heads = KV_HEADS
+        self.head_dim = HEAD_DIM
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t = x.size(0), x.size(1)
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        positions = torch.arange(t, device=x.device, dtype=self.inv_freq.dtype)
+        freqs = torch.outer(positions, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, -1e9)
+        out = torch.matmul(F.softmax(scores, dim=-1), v)
+        return self.o_proj(merge_heads(out))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
+        self.up_proj = nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
+        self.down_proj = nn.Linear(2 * HIDDEN, HIDDEN, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_layernorm = RMSNorm()
+        self.self_attn = LlamaAttention()
+        self.post_attention_layernorm = RMSNorm()
+        self.mlp = LlamaMLP()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
+        self.layers = nn.ModuleList([LlamaDecoderLayer() for _ in range(LAYERS)])
+        self.norm = RMSNorm()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids [B, T] long) -> logits [B, T, VOCAB]."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = LlamaModel()
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm_head(self.model(input_ids))
+
+
+# ------------------------------------------------------------------- export
+class References(nn.Module):
+    """Holds reference tensors as buffers so C++ reads them with torch::jit::load."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        for name, value in tensors.items():
+            self.register_buffer(name, value)
+
+    def forward(self) -> int:
+        return 0
+
+
+def reference_inputs(arch: str):
+    gen = torch.Generator().manual_seed(1234)
+    input_ids = torch.randint(0, VOCAB, (2, 8), generator=gen)
+    if arch != "bert":
+        return {"input_ids": input_ids}
+    attention_mask = torch.ones(2, 8, dtype=torch.long)
+    attention_mask[1, 5:] = 0  # second sequence is padded
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+ARCHS = {"gpt2": GPT2LMHeadModel, "bert": BertModel, "llama": LlamaForCausalLM}
+
+
+def export(arch: str, out_dir: str) -> None:
+    torch.manual_seed({"gpt2": 1, "bert": 2, "llama": 3}[arch])
+    model = ARCHS[arch]().eval()
+    inputs = reference_inputs(arch)
+    args = tuple(inputs.values())
+    with torch.no_grad():
+        expected = model(*args)
+    torch.jit.script(model).save(os.path.join(out_dir, f"{arch}_scripted.pt"))
+    torch.jit.trace(model, args).save(os.path.join(out_dir, f"{arch}_traced.pt"))
+    refs = dict(inputs, expected=expected)
+    torch.jit.script(References(refs)).save(os.path.join(out_dir, f"{arch}_ref.pt"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(1)
+    for arch in ARCHS:
+        export(arch, args.out)
+        print(f"exported {arch} fixtures to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
