@@ -46,7 +46,11 @@ std::vector<LoraFactor> add_lora(torch::jit::Module& model, int64_t r) {
 
 void write_adapted_weights(std::vector<LoraFactor>& factors, double scaling) {
   for (auto& f : factors)
-    f.owner.register_parameter("weight", f.frozen + scaling * torch::mm(f.B, f.A).t(), /*is_buffer=*/false);
+    f.owner.register_parameter(
+        "weight",
+        f.frozen + peft::functional::lora_delta_weight(
+                       f.A, f.B, peft::functional::LoraFuncOptions().scaling(scaling).fan_in_fan_out(true)),
+        /*is_buffer=*/false);
 }
 
 /// A batch of counting sequences starting at random tokens: next = current + 1 (mod vocab).
@@ -79,11 +83,11 @@ int main(int argc, char** argv) {
   std::vector<LoraFactor> factors = add_lora(model, r);
   std::vector<torch::Tensor> trainable;
   for (auto& f : factors) trainable.insert(trainable.end(), {f.A, f.B});
-  int64_t n_trainable = 0, n_total = 0;
-  for (auto& t : trainable) n_trainable += t.numel();
-  for (const auto& p : model.parameters()) n_total += p.numel();
-  fmt::print("trainable params: {} || all params: {} || trainable%: {:.4f}\n", n_trainable,
-             n_total + n_trainable, 100.0 * n_trainable / (n_total + n_trainable));
+  peft::ParameterCount count;
+  for (auto& t : trainable) count.trainable += t.numel();
+  for (const auto& p : model.parameters()) count.total += p.numel();
+  count.total += count.trainable;
+  fmt::print("{}\n", peft::format_trainable_parameters(count));
 
   const int64_t vocab = model.attr("lm_head").toModule().attr("weight").toTensor().size(0);
   torch::optim::AdamW optimizer(trainable, torch::optim::AdamWOptions(lr).weight_decay(0.0));

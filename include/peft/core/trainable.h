@@ -1,0 +1,81 @@
+#pragma once
+/// @file
+/// Which parameters train, and the one-line summary HF peft users know.
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace peft {
+
+/// The parameters of `module` that require grad, in registration order: what
+/// an optimizer should receive.
+///
+/// ```
+/// torch::optim::AdamW opt(peft::trainable_parameters(*model), 1e-3);
+/// ```
+inline std::vector<torch::Tensor> trainable_parameters(const torch::nn::Module& module) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : module.parameters())
+    if (p.requires_grad()) out.push_back(p);
+  return out;
+}
+
+/// The trainable parameters of `module` with their dotted names.
+inline std::vector<std::pair<std::string, torch::Tensor>> named_trainable_parameters(
+    const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : module.named_parameters())
+    if (p.value().requires_grad()) out.emplace_back(p.key(), p.value());
+  return out;
+}
+
+/// Trainable and total parameter counts.
+struct ParameterCount {
+  int64_t trainable = 0;
+  int64_t total = 0;
+};
+
+/// Counts the parameters of `module` (elements, not tensors).
+inline ParameterCount count_parameters(const torch::nn::Module& module) {
+  ParameterCount count;
+  for (const auto& p : module.parameters()) {
+    count.total += p.numel();
+    if (p.requires_grad()) count.trainable += p.numel();
+  }
+  return count;
+}
+
+/// 1234567 -> "1,234,567", as HF peft prints counts.
+inline std::string with_thousands(int64_t n) {
+  std::string digits = std::to_string(n < 0 ? -n : n);
+  for (int i = static_cast<int>(digits.size()) - 3; i > 0; i -= 3) digits.insert(static_cast<size_t>(i), ",");
+  return n < 0 ? "-" + digits : digits;
+}
+
+/// "trainable params: X || all params: Y || trainable%: Z", HF peft's summary line.
+inline std::string format_trainable_parameters(const ParameterCount& count) {
+  const double percent = count.total == 0 ? 0.0 : 100.0 * static_cast<double>(count.trainable) / count.total;
+  return fmt::format("trainable params: {} || all params: {} || trainable%: {:.4f}",
+                     with_thousands(count.trainable), with_thousands(count.total), percent);
+}
+
+/// Prints the summary line of `module` to stdout.
+///
+/// ```
+/// peft::print_trainable_parameters(*model);
+/// // trainable params: 8,192 || all params: 1,056,768 || trainable%: 0.7752
+/// ```
+inline void print_trainable_parameters(const torch::nn::Module& module) {
+  fmt::print("{}\n", format_trainable_parameters(count_parameters(module)));
+}
+
+/// Sets requires_grad on every parameter of `module` (and its submodules).
+inline void set_requires_grad(torch::nn::Module& module, bool requires_grad) {
+  for (auto& p : module.parameters()) p.set_requires_grad(requires_grad);
+}
+
+}  // namespace peft

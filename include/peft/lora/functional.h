@@ -1,0 +1,136 @@
+#pragma once
+/// @file
+/// LoRA and DoRA as free functions: the single source of the math, shared by
+/// the native modules, the TorchScript injector and the tests.
+
+#include <peft/core/error.h>
+#include <torch/torch.h>
+
+#include <vector>
+
+namespace peft {
+namespace functional {
+
+/// Options of functional::lora and functional::dora.
+///
+/// ```
+/// auto y = peft::functional::lora(x, W, b, A, B,
+///     peft::functional::LoraFuncOptions().scaling(2.0).dropout(0.1).training(true));
+/// ```
+struct LoraFuncOptions {
+  /// alpha/r (or alpha/√r).
+  TORCH_ARG(double, scaling) = 1.0;
+  /// Dropout on the LoRA branch input only.
+  TORCH_ARG(double, dropout) = 0.0;
+  /// Dropout is active only when training.
+  TORCH_ARG(bool, training) = false;
+  /// W is stored [in, out] (GPT-2 Conv1D) instead of [out, in].
+  TORCH_ARG(bool, fan_in_fan_out) = false;
+  /// Per-slice LoRA (loralib's MergedLinear): one flag per equal output slice.
+  TORCH_ARG(std::vector<bool>, enable_slices) = {};
+};
+
+namespace detail {
+
+inline std::vector<int64_t> enabled_indices(const std::vector<bool>& slices) {
+  std::vector<int64_t> idx;
+  for (size_t i = 0; i < slices.size(); ++i)
+    if (slices[i]) idx.push_back(static_cast<int64_t>(i));
+  return idx;
+}
+
+/// Joins the fused output along `dim`: the enabled slices from `enabled` in
+/// order, zeros of the same shape for each disabled slice.
+inline torch::Tensor scatter_slices(const std::vector<torch::Tensor>& enabled, const std::vector<bool>& slices,
+                                    int64_t dim) {
+  std::vector<torch::Tensor> parts;
+  size_t next = 0;
+  for (bool on : slices) parts.push_back(on ? enabled[next++] : torch::zeros_like(enabled.front()));
+  return torch::cat(parts, dim);
+}
+
+}  // namespace detail
+
+/// The LoRA update scaling · B·A as a full weight in the base's layout:
+/// [out, in], or [in, out] with fan_in_fan_out. With enable_slices, A is
+/// [r·k, in] and B [(out/n)·k, r] for k enabled of n slices (loralib's layout)
+/// and disabled slices are zero.
+inline torch::Tensor lora_delta_weight(const torch::Tensor& A, const torch::Tensor& B,
+                                       const LoraFuncOptions& options = {}) {
+  const auto& slices = options.enable_slices();
+  torch::Tensor delta;
+  if (slices.empty()) {
+    delta = torch::matmul(B, A);
+  } else {
+    const auto k = static_cast<int64_t>(detail::enabled_indices(slices).size());
+    auto A_parts = A.chunk(k, 0);
+    auto B_parts = B.chunk(k, 0);
+    std::vector<torch::Tensor> pieces;
+    for (int64_t j = 0; j < k; ++j) pieces.push_back(torch::matmul(B_parts[j], A_parts[j]));
+    delta = detail::scatter_slices(pieces, slices, 0);
+  }
+  delta = delta * options.scaling();
+  return options.fan_in_fan_out() ? delta.t() : delta;
+}
+
+/// The LoRA branch alone: scaling · x·Aᵀ·Bᵀ for x [..., in] (no dropout).
+inline torch::Tensor lora_branch(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& B,
+                                 const LoraFuncOptions& options = {}) {
+  torch::Tensor after_A = torch::matmul(x, A.t());
+  const auto& slices = options.enable_slices();
+  if (slices.empty()) return torch::matmul(after_A, B.t()) * options.scaling();
+  const auto k = static_cast<int64_t>(detail::enabled_indices(slices).size());
+  auto A_out = after_A.chunk(k, -1);
+  auto B_parts = B.chunk(k, 0);
+  std::vector<torch::Tensor> pieces;
+  for (int64_t j = 0; j < k; ++j) pieces.push_back(torch::matmul(A_out[j], B_parts[j].t()));
+  return detail::scatter_slices(pieces, slices, -1) * options.scaling();
+}
+
+/// The frozen base: x·Wᵀ + b (x·W + b with fan_in_fan_out). `bias` may be undefined.
+inline torch::Tensor base_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                                 bool fan_in_fan_out) {
+  return torch::nn::functional::linear(x, fan_in_fan_out ? weight.t() : weight, bias);
+}
+
+/// LoRA (Hu et al. 2021): y = x·Wᵀ + b + scaling · B·A·dropout(x).
+///
+/// ```
+/// auto y = peft::functional::lora(x, W, b, A, B, peft::functional::LoraFuncOptions().scaling(2.0));
+/// ```
+inline torch::Tensor lora(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                          const torch::Tensor& A, const torch::Tensor& B, const LoraFuncOptions& options = {}) {
+  torch::Tensor branch_input =
+      torch::nn::functional::dropout(x, torch::nn::functional::DropoutFuncOptions()
+                                            .p(options.dropout())
+                                            .training(options.training() && options.dropout() > 0));
+  return base_linear(x, weight, bias, options.fan_in_fan_out()) + lora_branch(branch_input, A, B, options);
+}
+
+/// Row norms ‖W + ΔW‖ (one per output), DoRA's initial magnitude vector.
+inline torch::Tensor dora_weight_norm(const torch::Tensor& weight, const torch::Tensor& A, const torch::Tensor& B,
+                                      const LoraFuncOptions& options = {}) {
+  torch::Tensor w = options.fan_in_fan_out() ? weight.t() : weight;
+  torch::Tensor delta = lora_delta_weight(A, B, LoraFuncOptions(options).fan_in_fan_out(false));
+  return (w + delta).norm(2, /*dim=*/1);
+}
+
+/// DoRA (Liu et al. 2024): y = m/‖W + s·BA‖ · (W + s·BA)·x + b, written as HF
+/// peft computes it, with the norm detached (§4.3 of the paper):
+/// y = x·Wᵀ + b + (m/‖·‖ − 1)·x·Wᵀ + m/‖·‖ · s·B·A·dropout(x).
+inline torch::Tensor dora(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                          const torch::Tensor& A, const torch::Tensor& B, const torch::Tensor& magnitude,
+                          const LoraFuncOptions& options = {}) {
+  check<OptionError>(options.enable_slices().empty(), "functional::dora: enable_slices is not supported with DoRA");
+  const bool dropping = options.training() && options.dropout() > 0;
+  torch::Tensor dropped =
+      torch::nn::functional::dropout(x, torch::nn::functional::DropoutFuncOptions().p(options.dropout()).training(dropping));
+  torch::Tensor w = options.fan_in_fan_out() ? weight.t() : weight;
+  torch::Tensor scale = magnitude / dora_weight_norm(weight, A, B, options).detach();
+  torch::Tensor base_no_bias = torch::nn::functional::linear(dropping ? dropped : x, w);
+  return torch::nn::functional::linear(x, w, bias) + base_no_bias * (scale - 1) +
+         scale * lora_branch(dropped, A, B, options);
+}
+
+}  // namespace functional
+}  // namespace peft

@@ -1,0 +1,230 @@
+#pragma once
+/// @file
+/// LoRA over frozen torch::nn layers: peft::LoRALinear and peft::LoRAEmbedding.
+
+#include <peft/core/shape.h>
+#include <peft/lora/functional.h>
+#include <peft/lora/options.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <ostream>
+#include <tuple>
+
+namespace peft {
+
+namespace detail {
+
+/// PiSSA (Meng et al. 2024): A, B from the top-r singular triplets of W, as HF
+/// peft's pissa_init; returns {A, B, residual W − s·B·A}.
+inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> pissa_factors(const torch::Tensor& weight, int64_t r,
+                                                                             double scaling) {
+  torch::Tensor U, S, Vh;
+  std::tie(U, S, Vh) = torch::linalg::svd(weight.to(torch::kFloat), /*full_matrices=*/false, c10::nullopt);
+  torch::Tensor sqrt_s = (S.slice(0, 0, r) / scaling).sqrt();
+  torch::Tensor A = (sqrt_s.unsqueeze(1) * Vh.slice(0, 0, r)).to(weight.dtype());
+  torch::Tensor B = (U.slice(1, 0, r) * sqrt_s.unsqueeze(0)).to(weight.dtype());
+  return {A, B, weight - scaling * torch::matmul(B, A)};
+}
+
+}  // namespace detail
+
+/// LoRA over a frozen `torch::nn::Linear`: y = base(x) + (alpha/r)·B·A·dropout(x).
+/// Only `lora_A` [r, in] and `lora_B` [out, r] (and DoRA's
+/// `lora_magnitude_vector` [out]) train; the base is frozen on construction.
+///
+/// ```
+/// torch::nn::Linear base(768, 768);                      // pretrained, loaded elsewhere
+/// peft::LoRALinear q(base, peft::LoraOptions(8).alpha(16));
+/// torch::optim::AdamW opt(peft::trainable_parameters(*q), 1e-3);
+/// auto y = q(x);
+/// q->merge();                                            // inference at base cost
+/// ```
+class LoRALinearImpl : public torch::nn::Module {
+ public:
+  LoRALinearImpl(torch::nn::Linear base_layer, LoraOptions options) : options_(std::move(options)) {
+    check<OptionError>(!base_layer.is_empty(), "LoRALinear: the base torch::nn::Linear is empty");
+    base = register_module("base", std::move(base_layer));
+    const int64_t in = base->weight.size(1), out = base->weight.size(0);
+    options_.validate(in, out, "LoRALinear");
+    check<OptionError>(!options_.fan_in_fan_out(),
+                       "LoRALinear: LoraOptions.fan_in_fan_out is for weights stored [in, out] (GPT-2 Conv1D); "
+                       "torch::nn::Linear stores [out, in]");
+    for (auto& p : base->parameters()) p.set_requires_grad(false);
+    init_factors(in, out);
+  }
+
+  torch::Tensor forward(const torch::Tensor& x) {
+    check_last_dim(x, base->weight.size(1), "LoRALinear");
+    if (merged_) return base->forward(x);
+    if (options_.use_dora())
+      return functional::dora(x, base->weight, base->bias, lora_A, lora_B, lora_magnitude_vector, func_options());
+    return functional::lora(x, base->weight, base->bias, lora_A, lora_B, func_options());
+  }
+
+  /// The current update ΔW = scaling·B·A, shaped like the base weight.
+  torch::Tensor delta_weight() const { return functional::lora_delta_weight(lora_A, lora_B, func_options()); }
+
+  /// Folds the update into the base weight; forward then costs what the base costs.
+  /// Merging twice is a no-op.
+  void merge() {
+    if (merged_) return;
+    torch::NoGradGuard no_grad;
+    torch::Tensor& W = base->weight;
+    if (options_.use_dora()) {
+      dora_scale_ = lora_magnitude_vector / functional::dora_weight_norm(W, lora_A, lora_B, func_options());
+      W.copy_((W + delta_weight()) * dora_scale_.unsqueeze(1));
+    } else {
+      W.add_(delta_weight());
+    }
+    merged_ = true;
+  }
+
+  /// Restores the base weight (up to fp rounding). A no-op when not merged.
+  void unmerge() {
+    if (!merged_) return;
+    torch::NoGradGuard no_grad;
+    torch::Tensor& W = base->weight;
+    if (options_.use_dora())
+      W.copy_(W / dora_scale_.unsqueeze(1) - delta_weight());
+    else
+      W.sub_(delta_weight());
+    merged_ = false;
+  }
+
+  bool merged() const { return merged_; }
+  const LoraOptions& options() const { return options_; }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "peft::LoRALinear(in_features=" << base->weight.size(1) << ", out_features=" << base->weight.size(0)
+           << ", r=" << options_.r() << ", scaling=" << options_.scaling() << (options_.use_dora() ? ", dora" : "")
+           << (merged_ ? ", merged" : "") << ")";
+  }
+
+  torch::nn::Linear base{nullptr};
+  torch::Tensor lora_A, lora_B, lora_magnitude_vector;
+
+ private:
+  functional::LoraFuncOptions func_options() const {
+    return functional::LoraFuncOptions()
+        .scaling(options_.scaling())
+        .dropout(options_.dropout())
+        .training(is_training())
+        .enable_slices(options_.enable_slices());
+  }
+
+  void init_factors(int64_t in, int64_t out) {
+    torch::NoGradGuard no_grad;
+    const auto& slices = options_.enable_slices();
+    const int64_t n = slices.empty() ? 1 : static_cast<int64_t>(slices.size());
+    const int64_t k = slices.empty() ? 1 : static_cast<int64_t>(std::count(slices.begin(), slices.end(), true));
+    const int64_t r = options_.r();
+    const auto like = base->weight.options();
+    torch::Tensor A = torch::zeros({r * k, in}, like), B = torch::zeros({out / n * k, r}, like);
+    switch (options_.init()) {
+      case LoraInit::Default: torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0)); break;
+      case LoraInit::Gaussian: torch::nn::init::normal_(A, 0.0, 1.0 / static_cast<double>(r)); break;
+      case LoraInit::Random:
+        torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
+        torch::nn::init::kaiming_uniform_(B, std::sqrt(5.0));
+        break;
+      case LoraInit::PiSSA: {
+        torch::Tensor residual;
+        std::tie(A, B, residual) = detail::pissa_factors(base->weight, r, options_.scaling());
+        base->weight.copy_(residual);
+        break;
+      }
+      case LoraInit::Zero: break;
+    }
+    lora_A = register_parameter("lora_A", A);
+    lora_B = register_parameter("lora_B", B);
+    if (options_.use_dora())
+      lora_magnitude_vector = register_parameter(
+          "lora_magnitude_vector", functional::dora_weight_norm(base->weight, lora_A, lora_B, func_options()));
+  }
+
+  LoraOptions options_;
+  bool merged_ = false;
+  torch::Tensor dora_scale_;  // DoRA: m/‖W + ΔW‖ at merge time, to unmerge exactly
+};
+
+/// Holder of LoRALinearImpl (see there).
+TORCH_MODULE(LoRALinear);
+
+/// LoRA over a frozen `torch::nn::Embedding`, as HF peft: A = 0 [r, num], B ~ N(0, 1)
+/// [dim, r]; y = base(ids) + scaling · embedding(ids, Aᵀ)·Bᵀ. No dropout (as HF).
+///
+/// ```
+/// peft::LoRAEmbedding wte(torch::nn::Embedding(50257, 768), peft::LoraOptions(8));
+/// auto h = wte(input_ids);
+/// ```
+class LoRAEmbeddingImpl : public torch::nn::Module {
+ public:
+  LoRAEmbeddingImpl(torch::nn::Embedding base_layer, LoraOptions options) : options_(std::move(options)) {
+    check<OptionError>(!base_layer.is_empty(), "LoRAEmbedding: the base torch::nn::Embedding is empty");
+    base = register_module("base", std::move(base_layer));
+    const int64_t num = base->weight.size(0), dim = base->weight.size(1);
+    options_.validate(num, dim, "LoRAEmbedding");
+    check<OptionError>(!options_.use_dora() && options_.enable_slices().empty() && !options_.fan_in_fan_out() &&
+                           options_.init() != LoraInit::PiSSA,
+                       "LoRAEmbedding: use_dora, enable_slices, fan_in_fan_out and LoraInit::PiSSA apply to linear "
+                       "layers only");
+    for (auto& p : base->parameters()) p.set_requires_grad(false);
+    torch::NoGradGuard no_grad;
+    const auto like = base->weight.options();
+    torch::Tensor A = torch::zeros({options_.r(), num}, like), B = torch::zeros({dim, options_.r()}, like);
+    if (options_.init() == LoraInit::Random) torch::nn::init::normal_(A);
+    if (options_.init() != LoraInit::Zero) torch::nn::init::normal_(B);
+    lora_embedding_A = register_parameter("lora_embedding_A", A);
+    lora_embedding_B = register_parameter("lora_embedding_B", B);
+  }
+
+  torch::Tensor forward(const torch::Tensor& input_ids) {
+    check<ShapeError>(!input_ids.is_floating_point(), "LoRAEmbedding: expected integer token ids, got {}",
+                      std::string(c10::toString(input_ids.scalar_type())));
+    if (merged_) return base->forward(input_ids);
+    torch::Tensor after_A = torch::embedding(lora_embedding_A.t(), input_ids);
+    return base->forward(input_ids) + torch::matmul(after_A, lora_embedding_B.t()) * options_.scaling();
+  }
+
+  /// ΔW = scaling·(B·A)ᵀ, shaped like the embedding table [num, dim].
+  torch::Tensor delta_weight() const {
+    return torch::matmul(lora_embedding_B, lora_embedding_A).t() * options_.scaling();
+  }
+
+  /// Folds the update into the table. Merging twice is a no-op.
+  void merge() {
+    if (merged_) return;
+    torch::NoGradGuard no_grad;
+    base->weight.add_(delta_weight());
+    merged_ = true;
+  }
+
+  /// Restores the table (up to fp rounding). A no-op when not merged.
+  void unmerge() {
+    if (!merged_) return;
+    torch::NoGradGuard no_grad;
+    base->weight.sub_(delta_weight());
+    merged_ = false;
+  }
+
+  bool merged() const { return merged_; }
+  const LoraOptions& options() const { return options_; }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "peft::LoRAEmbedding(num_embeddings=" << base->weight.size(0)
+           << ", embedding_dim=" << base->weight.size(1) << ", r=" << options_.r() << ")";
+  }
+
+  torch::nn::Embedding base{nullptr};
+  torch::Tensor lora_embedding_A, lora_embedding_B;
+
+ private:
+  LoraOptions options_;
+  bool merged_ = false;
+};
+
+/// Holder of LoRAEmbeddingImpl (see there).
+TORCH_MODULE(LoRAEmbedding);
+
+}  // namespace peft

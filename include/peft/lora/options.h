@@ -1,0 +1,77 @@
+#pragma once
+/// @file
+/// Options of the native LoRA modules (peft::LoRALinear, peft::LoRAEmbedding).
+
+#include <peft/core/error.h>
+#include <torch/arg.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace peft {
+
+/// How LoRA's factors start.
+enum class LoraInit {
+  Default,   ///< A kaiming-uniform(a=√5), B = 0 (embeddings: A = 0, B normal): starts as the base
+  Gaussian,  ///< A ~ N(0, 1/r²) (std 1/r), B = 0
+  PiSSA,     ///< A, B from the top-r SVD of W; the base weight becomes the residual W − s·B·A
+  Random,    ///< A and B both random (HF's init_lora_weights=False): does not start as the base
+  Zero,      ///< A = 0, B = 0: placeholders to be overwritten by loaded weights (no RNG used)
+};
+
+/// Options of LoRA: `W' = W + scaling · B·A`, scaling = alpha/r (alpha/√r with rsLoRA).
+///
+/// ```
+/// auto opts = peft::LoraOptions(8).alpha(16).dropout(0.05).use_dora(true);
+/// ```
+struct LoraOptions {
+  /* implicit */ LoraOptions(int64_t r) : r_(r) {}
+
+  /// Rank of the update: 1 ≤ r ≤ min(in, out).
+  TORCH_ARG(int64_t, r);
+  /// Scaling numerator; HF's `lora_alpha`.
+  TORCH_ARG(double, alpha) = 8.0;
+  /// Dropout probability on the LoRA branch input, in [0, 1).
+  TORCH_ARG(double, dropout) = 0.0;
+  /// Scale by alpha/√r instead of alpha/r (Kalajdzievski 2023).
+  TORCH_ARG(bool, use_rslora) = false;
+  /// Weight-decomposed LoRA (Liu et al. 2024): a trained magnitude per output.
+  TORCH_ARG(bool, use_dora) = false;
+  /// Initialisation of A and B.
+  TORCH_ARG(LoraInit, init) = LoraInit::Default;
+  /// The base weight is stored [in, out] (GPT-2's Conv1D) rather than [out, in].
+  TORCH_ARG(bool, fan_in_fan_out) = false;
+  /// Per-slice LoRA on a fused projection (e.g. q|k|v): one flag per equal
+  /// slice of the output; LoRA only where true. Empty: the whole output.
+  TORCH_ARG(std::vector<bool>, enable_slices) = {};
+
+ public:  // TORCH_ARG leaves the section private
+  /// alpha/r, or alpha/√r with use_rslora.
+  double scaling() const {
+    return use_rslora_ ? alpha_ / std::sqrt(static_cast<double>(r_)) : alpha_ / static_cast<double>(r_);
+  }
+
+  /// Checks the options against a layer of `in` inputs and `out` outputs;
+  /// `where` names the layer in the error message.
+  void validate(int64_t in, int64_t out, const std::string& where) const {
+    check<OptionError>(r_ >= 1, "{}: LoraOptions.r must be >= 1, got {}", where, r_);
+    check<OptionError>(r_ <= std::min(in, out), "{}: LoraOptions.r must be <= min(in={}, out={}) = {}, got {}", where,
+                       in, out, std::min(in, out), r_);
+    check<OptionError>(dropout_ >= 0.0 && dropout_ < 1.0, "{}: LoraOptions.dropout must be in [0, 1), got {}", where,
+                       dropout_);
+    check<OptionError>(std::isfinite(alpha_), "{}: LoraOptions.alpha must be finite, got {}", where, alpha_);
+    if (enable_slices_.empty()) return;
+    const auto n = static_cast<int64_t>(enable_slices_.size());
+    check<OptionError>(out % n == 0, "{}: LoraOptions.enable_slices has {} slices, which does not divide the {} outputs",
+                       where, n, out);
+    check<OptionError>(std::count(enable_slices_.begin(), enable_slices_.end(), true) > 0,
+                       "{}: LoraOptions.enable_slices enables no slice", where);
+    check<OptionError>(!use_dora_, "{}: LoraOptions.use_dora cannot be combined with enable_slices", where);
+    check<OptionError>(init_ != LoraInit::PiSSA, "{}: LoraInit::PiSSA cannot be combined with enable_slices", where);
+  }
+};
+
+}  // namespace peft
