@@ -17,3 +17,7 @@
 #include <peft/lora/options.h>
 #include <peft/prefix/prefix.h>
 #include <peft/prompt/prompt.h>
+
+#include <peft/core/match.h>
+#include <peft/lora/config.h>
+#include <peft/peft_model.h>

@@ -1,0 +1,171 @@
+#pragma once
+/// @file
+/// Target-module rules, exactly as HF peft documents them: a list entry
+/// matches a dotted module name exactly or as a `.`-suffix; a single string is
+/// a regex that must match the whole name; `exclude_modules` first;
+/// `layers_to_transform` with `layers_pattern`; per-module patterns.
+
+#include <peft/core/error.h>
+
+#include <algorithm>
+#include <map>
+#include <optional>
+#include <regex>
+#include <string>
+#include <vector>
+
+namespace peft {
+
+/// Which modules a method targets: a list of names (exact or `.`-suffix), one
+/// regex (full match), or "all-linear" (every linear layer except the output head).
+///
+/// ```
+/// peft::TargetModules list = {"q_proj", "v_proj"};
+/// peft::TargetModules regex = ".*layers\\.[01]\\.self_attn\\.(q|v)_proj";
+/// peft::TargetModules all = "all-linear";
+/// ```
+class TargetModules {
+ public:
+  TargetModules() = default;
+  TargetModules(std::initializer_list<std::string> names) : names_(names) {}
+  TargetModules(std::vector<std::string> names) : names_(std::move(names)) {}
+  TargetModules(std::string regex_or_all_linear) { set_string(std::move(regex_or_all_linear)); }
+  TargetModules(const char* regex_or_all_linear) { set_string(regex_or_all_linear); }
+
+  bool empty() const { return names_.empty() && !regex_ && !all_linear_; }
+  bool is_all_linear() const { return all_linear_; }
+  bool is_regex() const { return regex_.has_value(); }
+  const std::vector<std::string>& names() const { return names_; }
+  const std::string& regex() const { return *regex_; }
+
+  /// Whether `module_name` is selected by this rule (all-linear is decided by the caller).
+  bool matches(const std::string& module_name) const {
+    if (all_linear_) return true;
+    if (regex_) return std::regex_match(module_name, std::regex(*regex_));
+    return std::any_of(names_.begin(), names_.end(), [&](const std::string& key) { return matches_key(module_name, key); });
+  }
+
+  /// The list entries (or the regex) that select `module_name`.
+  std::vector<std::string> patterns_matching(const std::string& module_name) const {
+    if (regex_) return matches(module_name) ? std::vector<std::string>{*regex_} : std::vector<std::string>{};
+    std::vector<std::string> out;
+    for (const auto& key : names_)
+      if (matches_key(module_name, key)) out.push_back(key);
+    return out;
+  }
+
+  /// Every pattern, for "matched nothing" checks.
+  std::vector<std::string> patterns() const {
+    if (all_linear_) return {"all-linear"};
+    if (regex_) return {*regex_};
+    return names_;
+  }
+
+  /// HF's suffix rule: `name == key` or `name` ends with `"." + key`.
+  static bool matches_key(const std::string& name, const std::string& key) {
+    if (name == key) return true;
+    return name.size() > key.size() && name.compare(name.size() - key.size(), key.size(), key) == 0 &&
+           name[name.size() - key.size() - 1] == '.';
+  }
+
+ private:
+  void set_string(std::string s) {
+    if (s == "all-linear") {
+      all_linear_ = true;
+      return;
+    }
+    try {
+      std::regex check(s);
+    } catch (const std::regex_error& e) {
+      throw OptionError("target_modules: '" + s + "' is not a valid regex: " + e.what());
+    }
+    regex_ = std::move(s);
+  }
+
+  std::vector<std::string> names_;
+  std::optional<std::string> regex_;
+  bool all_linear_ = false;
+};
+
+/// The layer index in a module name for layers_to_transform: the number after
+/// `<pattern>.` (any of `layers_pattern`), or after the first `<word>.` when no
+/// pattern is given, as HF peft. Empty when the name has none.
+inline std::optional<int64_t> layer_index(const std::string& module_name, const std::vector<std::string>& layers_pattern) {
+  std::smatch m;
+  if (layers_pattern.empty()) {
+    if (std::regex_search(module_name, m, std::regex(R"(^(.*\.)?[^.]*\.(\d+)\.)"))) return std::stoll(m[2].str());
+    return std::nullopt;
+  }
+  for (const auto& pattern : layers_pattern)
+    if (std::regex_search(module_name, m, std::regex("^(.*\\.)?" + pattern + "\\.(\\d+)\\.")))
+      return std::stoll(m[2].str());
+  return std::nullopt;
+}
+
+/// HF's rank_pattern / alpha_pattern lookup: the first key k for which
+/// `(.*\.)?(k)` fully matches the module name.
+template <typename T>
+std::optional<T> pattern_value(const std::map<std::string, T>& patterns, const std::string& module_name) {
+  for (const auto& [key, value] : patterns)
+    if (std::regex_match(module_name, std::regex("(.*\\.)?(" + key + ")"))) return value;
+  return std::nullopt;
+}
+
+/// "a, b, c" (at most `limit` names, then "... (N more)").
+inline std::string join_names(const std::vector<std::string>& names, size_t limit = 24) {
+  std::string out;
+  for (size_t i = 0; i < names.size() && i < limit; ++i) out += (i ? ", " : "") + names[i];
+  if (names.size() > limit) out += ", ... (" + std::to_string(names.size() - limit) + " more)";
+  return out;
+}
+
+}  // namespace peft
+
+namespace peft {
+
+/// The module-selection fields every injected method shares (HF peft's names).
+struct TargetRule {
+  TargetModules target_modules;
+  TargetModules exclude_modules;
+  std::vector<int64_t> layers_to_transform;
+  std::vector<std::string> layers_pattern;
+};
+
+/// Selects the modules among `names` that `rule` targets. `eligible` says
+/// whether a module can take the method; `eligible_kind` names that for errors
+/// ("linear layer"). Throws TargetError when the rule is empty, when a pattern
+/// matches nothing, or when it matches a module that is not eligible; the
+/// message names the pattern and lists the candidates.
+inline std::vector<std::string> select_targets(const std::vector<std::string>& names,
+                                               const std::vector<std::string>& eligible, const TargetRule& rule,
+                                               const std::string& method, const std::string& eligible_kind) {
+  const TargetModules& target = rule.target_modules;
+  check<TargetError>(!target.empty(), "{}: target_modules is empty; candidates ({}s): {}", method, eligible_kind,
+                     join_names(eligible));
+  auto is_eligible = [&](const std::string& n) { return std::find(eligible.begin(), eligible.end(), n) != eligible.end(); };
+  auto in_layers = [&](const std::string& n) {
+    if (rule.layers_to_transform.empty()) return true;
+    auto index = layer_index(n, rule.layers_pattern);
+    return index && std::find(rule.layers_to_transform.begin(), rule.layers_to_transform.end(), *index) !=
+                        rule.layers_to_transform.end();
+  };
+  std::vector<std::string> selected;
+  std::map<std::string, int> hits;
+  for (const auto& name : target.is_all_linear() ? eligible : names) {
+    auto patterns = target.is_all_linear() ? std::vector<std::string>{"all-linear"} : target.patterns_matching(name);
+    if (name.empty() || patterns.empty() || !in_layers(name)) continue;
+    for (const auto& p : patterns) ++hits[p];  // an excluded match still counts as a match
+    if (!rule.exclude_modules.empty() && rule.exclude_modules.matches(name)) continue;
+    check<TargetError>(is_eligible(name), "{}: module '{}' (matched by target_modules '{}') is not a {}; {}s: {}",
+                       method, name, patterns.front(), eligible_kind, eligible_kind, join_names(eligible));
+    selected.push_back(name);
+  }
+  for (const auto& pattern : target.patterns())
+    check<TargetError>(hits[pattern] > 0, "{}: target_modules pattern '{}' matched no module{}; candidates ({}s): {}",
+                       method, pattern, rule.layers_to_transform.empty() ? "" : " in layers_to_transform",
+                       eligible_kind, join_names(eligible));
+  check<TargetError>(!selected.empty(), "{}: every module target_modules matched is excluded by exclude_modules", method);
+  return selected;
+}
+
+}  // namespace peft

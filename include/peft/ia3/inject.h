@@ -1,0 +1,123 @@
+#pragma once
+/// @file
+/// IA3 inserted into a loaded TorchScript model: the output of each targeted
+/// linear layer (or, for feed-forward layers, its input) is rescaled by a
+/// learned vector held by a small TorchScript module.
+
+#include <peft/core/match.h>
+#include <peft/ia3/ia3.h>
+#include <peft/jit/inject.h>
+#include <peft/jit/site.h>
+
+namespace peft {
+
+/// IA3 for a whole model, with HF peft's field names.
+///
+/// ```
+/// auto cfg = peft::IA3Config().target_modules({"k_proj", "v_proj", "down_proj"}).feedforward_modules({"down_proj"});
+/// ```
+struct IA3Config {
+  TORCH_ARG(TargetModules, target_modules);
+  TORCH_ARG(TargetModules, exclude_modules);
+  /// Targets whose input (not output) is scaled; must be a subset of target_modules.
+  TORCH_ARG(TargetModules, feedforward_modules);
+  TORCH_ARG(std::vector<int64_t>, layers_to_transform) = {};
+  TORCH_ARG(std::vector<std::string>, layers_pattern) = {};
+  TORCH_ARG(bool, fan_in_fan_out) = false;
+  TORCH_ARG(std::vector<std::string>, modules_to_save) = {};
+  /// Start the scaling vectors at 1 (the base model); false: random around 1.
+  TORCH_ARG(bool, init_ia3_weights) = true;
+
+ public:  // TORCH_ARG leaves the section private
+  TargetRule rule() const { return {target_modules_, exclude_modules_, layers_to_transform_, layers_pattern_}; }
+};
+
+namespace ia3 {
+
+/// TorchScript source of one IA3 layer (functional::ia3).
+inline std::string layer_source(bool feedforward) {
+  if (feedforward)
+    return "def forward(self, x: Tensor) -> Tensor:\n"
+           "    if self.merged or not self.active:\n"
+           "        return x\n"
+           "    return x * self.ia3_l\n";
+  return "def forward(self, x: Tensor, y: Tensor) -> Tensor:\n"
+         "    if self.merged or not self.active:\n"
+         "        return y\n"
+         "    return y * self.ia3_l\n";
+}
+
+/// IA3 on the targeted linear layers of an Injection.
+class Tuner : public jit::Tuner {
+ public:
+  Tuner(jit::Injection& injection, const IA3Config& config) : model_(injection.model()) {
+    injection.inline_all();
+    auto sites = jit::sites_by_module(jit::find_linear_sites(injection.graph(), model_));
+    std::vector<std::string> names, linear;
+    for (const auto& m : model_.named_modules()) names.push_back(m.name);
+    for (const auto& entry : sites) linear.push_back(entry.first);
+    for (const auto& target : select_targets(names, linear, config.rule(), "IA3Config", "linear layer")) {
+      const bool ff = !config.feedforward_modules().empty() && config.feedforward_modules().matches(target);
+      add(injection, target, sites.at(target), ff, config.init_ia3_weights());
+    }
+    injection.train_modules_to_save(config.modules_to_save());
+  }
+
+  std::string method() const override { return "IA3"; }
+  bool mergeable() const override { return true; }
+  void merge() override { scale_weights(/*merge=*/true); }
+  void unmerge() override { scale_weights(/*merge=*/false); }
+
+ private:
+  struct Layer {
+    jit::AdapterLayer layer;
+    bool feedforward;
+    bool fan_in_fan_out;
+  };
+
+  void add(jit::Injection& injection, const std::string& target, const std::vector<jit::LinearSite>& uses, bool ff,
+           bool neutral) {
+    const jit::LinearSite& site = uses.front();
+    torch::Tensor W = jit::base_tensor(model_, target, "weight");
+    torch::Tensor l = torch::ones({ff ? site.in_features : site.out_features}, W.options());
+    if (!neutral) l = l + 0.02 * torch::randn_like(l);
+    injection.add_layer(target, "IA3Layer", {{"ia3_l", l}}, {}, layer_source(ff));
+    const jit::AdapterLayer& layer = injection.layers().back();
+    for (const auto& use : uses) {
+      if (ff) {
+        jit::Value* scaled = injection.call(layer, use.first, {use.input}, /*after=*/false);
+        use.first->replaceInputWith(use.input, scaled);
+      } else {
+        jit::Value* scaled = injection.call(layer, use.output->node(), {use.input, use.output}, /*after=*/true);
+        jit::reroute_uses(use.output, scaled->node(), scaled);
+      }
+    }
+    layers_.push_back({layer, ff, site.fan_in_fan_out});
+  }
+
+  /// Folds l into (or divides it out of) the weight: output scaling scales the
+  /// weight's output dimension and the bias, input scaling its input dimension.
+  void scale_weights(bool merge) {
+    torch::NoGradGuard no_grad;
+    for (auto& l : layers_) {
+      if (l.layer.module.attr("merged").toBool() == merge) continue;
+      torch::Tensor s = l.layer.module.attr("ia3_l").toTensor().detach();
+      torch::Tensor W = jit::base_tensor(model_, l.layer.target, "weight");
+      const bool rows = l.feedforward == l.fan_in_fan_out;  // which dim of W the vector runs along
+      torch::Tensor shaped = rows ? s.unsqueeze(1) : s.unsqueeze(0);
+      merge ? W.mul_(shaped) : W.div_(shaped);
+      auto owner = jit::submodule(model_, l.layer.target);
+      if (!l.feedforward && owner.hasattr("bias") && owner.attr("bias").isTensor()) {
+        torch::Tensor b = owner.attr("bias").toTensor();
+        merge ? b.mul_(s) : b.div_(s);
+      }
+      jit::set_flag(l.layer, "merged", merge);
+    }
+  }
+
+  torch::jit::Module model_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace ia3
+}  // namespace peft

@@ -1,0 +1,167 @@
+#pragma once
+/// @file
+/// The only place that touches TorchScript internals (torch/csrc/jit): module
+/// paths from GetAttr chains, inlining with a hook at submodule boundaries,
+/// adapter calls inserted into a graph, and method replacement. LibTorch 2.x
+/// keeps these APIs; a change there belongs in this file only.
+
+#include <peft/core/error.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/passes/constant_propagation.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
+#include <torch/csrc/jit/passes/inliner.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+namespace peft {
+namespace jit {
+
+using torch::jit::Graph;
+using torch::jit::Node;
+using torch::jit::Value;
+
+/// Calls `fn` on every node of `block` and of its nested blocks, in order.
+inline void for_each_node(torch::jit::Block* block, const std::function<void(Node*)>& fn) {
+  for (Node* node : block->nodes()) {
+    fn(node);
+    for (torch::jit::Block* inner : node->blocks()) for_each_node(inner, fn);
+  }
+}
+
+/// The dotted path of the module `value` refers to, when it is reached from
+/// the graph's `self` through prim::GetAttr ("" is the root itself).
+inline std::optional<std::string> module_path(Value* value) {
+  Value* self = value->owningGraph()->inputs().at(0);
+  if (value == self) return std::string();
+  Node* node = value->node();
+  if (node->kind() != c10::prim::GetAttr) return std::nullopt;
+  auto parent = module_path(node->input(0));
+  if (!parent) return std::nullopt;
+  const std::string& field = node->s(c10::attr::name);
+  return parent->empty() ? field : *parent + "." + field;
+}
+
+/// For a parameter read `self.<path>.<name>`: {module path, attribute name}.
+inline std::optional<std::pair<std::string, std::string>> attribute_of(Value* value) {
+  Node* node = value->node();
+  if (node->kind() != c10::prim::GetAttr) return std::nullopt;
+  auto owner = module_path(node->input(0));
+  if (!owner) return std::nullopt;
+  return std::make_pair(*owner, node->s(c10::attr::name));
+}
+
+/// Called on a submodule call before it is inlined: (call node, callee path).
+using CallHook = std::function<void(Node* call, const std::string& callee_path)>;
+
+/// Inlines every function and method call of `graph`, outermost first, so that
+/// each prim::CallMethod is seen by `on_call` while the module boundary is still
+/// visible. Nodes in `keep` (adapter calls) are left as calls.
+inline void inline_calls(Graph& graph, const CallHook& on_call, const std::unordered_set<Node*>& keep) {
+  for (bool changed = true; changed;) {
+    changed = false;
+    std::vector<Node*> calls;
+    for_each_node(graph.block(), [&](Node* n) {
+      if ((n->kind() == c10::prim::CallMethod || n->kind() == c10::prim::CallFunction) && !keep.count(n))
+        calls.push_back(n);
+    });
+    for (Node* call : calls) {
+      torch::jit::GraphFunction* callee = torch::jit::tryToGraphFunction(call);
+      check<ModelError>(callee != nullptr, "a call in forward cannot be inlined (interface or non-graph function: {})",
+                        call->kind().toQualString());
+      if (call->kind() == c10::prim::CallMethod && on_call) {
+        if (auto path = module_path(call->input(0))) on_call(call, *path);
+      }
+      if (call->kind() == c10::prim::CallFunction) call->removeInput(0);  // the function constant
+      torch::jit::inlineCallTo(call, callee, /*use_graph=*/false);  // the raw graph keeps deeper calls visible
+      changed = true;
+    }
+  }
+}
+
+/// Folds what the raw graphs of inlined library code leave behind (e.g.
+/// `if inplace:` branches of F.dropout on constants), as the executor would.
+inline void simplify(std::shared_ptr<Graph> graph) {
+  torch::jit::ConstantPropagation(graph);
+  torch::jit::EliminateDeadCode(graph);
+}
+
+/// Inserts `self.<path...>` GetAttr reads before `anchor` and a call of method
+/// `method` on that module with `args`, returning the call node (output Tensor).
+inline Node* insert_method_call(Node* anchor, const std::vector<std::string>& path, const torch::jit::Module& callee,
+                                const std::string& method, const std::vector<Value*>& args, bool insert_after) {
+  Graph& graph = *anchor->owningGraph();
+  torch::jit::WithInsertPoint guard(insert_after ? anchor->next() : anchor);
+  Value* object = graph.inputs().at(0);
+  for (const auto& field : path) object = graph.insertGetAttr(object, field);
+  object->setType(callee.type());
+  std::vector<Value*> inputs{object};
+  inputs.insert(inputs.end(), args.begin(), args.end());
+  Node* call = graph.insertNode(graph.create(c10::prim::CallMethod, inputs));
+  call->s_(c10::attr::name, method);
+  call->output()->setType(c10::TensorType::get());
+  return call;
+}
+
+/// Makes `replacement` the value every user of `original` sees, except `call` itself.
+inline void reroute_uses(Value* original, Node* call, Value* replacement) {
+  original->replaceAllUsesWith(replacement);
+  for (size_t i = 0; i < call->inputs().size(); ++i)
+    if (call->input(i) == replacement) call->replaceInput(i, original);
+}
+
+/// A new, empty TorchScript module of a unique type in `owner`'s compilation
+/// unit, with the `training` attribute every module has.
+inline torch::jit::Module new_module(const torch::jit::Module& owner, const std::string& class_name) {
+  torch::jit::Module m(c10::QualifiedName("__torch__.peft." + class_name), owner._ivalue()->compilation_unit(),
+                       /*shouldMangle=*/true);
+  m.register_attribute("training", c10::BoolType::get(), owner.is_training());
+  return m;
+}
+
+/// A copy of the graph of `module`'s method `name` (never the cached original).
+inline std::shared_ptr<Graph> method_graph(const torch::jit::Module& module, const std::string& name) {
+  return torch::jit::toGraphFunction(module.get_method(name).function()).graph()->copy();
+}
+
+/// Replaces method `name` of `module` by a new function running `graph`. The
+/// graph executor caches plans per function, so a fresh function (as
+/// freeze_module makes) is the way to change what a method does. `module`'s
+/// type must not be shared (e.g. a clone's root).
+inline void replace_method(torch::jit::Module& module, const std::string& name, std::shared_ptr<Graph> graph) {
+  torch::jit::EliminateDeadCode(graph);
+  auto& old_fn = module.get_method(name).function();
+  const c10::QualifiedName qualname = old_fn.qualname();
+  c10::FunctionSchema schema = old_fn.getSchema();
+  auto cu = module._ivalue()->compilation_unit();
+  module.type()->unsafeRemoveMethod(name);
+  cu->unsafeRemoveMethod(qualname);
+  torch::jit::Function* fn = cu->create_function(qualname, std::move(graph));
+  fn->setSchema(std::move(schema));
+  module.type()->addMethod(fn);
+}
+
+/// The attribute of `root` at dotted `path` ("" = root).
+inline torch::jit::Module submodule(const torch::jit::Module& root, const std::string& path) {
+  torch::jit::Module m = root;
+  size_t start = 0;
+  while (start < path.size()) {
+    size_t dot = path.find('.', start);
+    if (dot == std::string::npos) dot = path.size();
+    m = m.attr(path.substr(start, dot - start)).toModule();
+    start = dot + 1;
+  }
+  return m;
+}
+
+/// Whether `value` is a tensor constant baked into the graph (a frozen export).
+inline bool is_tensor_constant(Value* value) {
+  return value->node()->kind() == c10::prim::Constant && value->type()->cast<c10::TensorType>() != nullptr;
+}
+
+}  // namespace jit
+}  // namespace peft

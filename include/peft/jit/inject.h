@@ -1,0 +1,190 @@
+#pragma once
+/// @file
+/// The method-agnostic part of injecting adapters into a loaded TorchScript
+/// model: an adapted clone sharing the base's tensors, a container for adapter
+/// layers on its root, calls to them inserted into its forward graph, and
+/// trainable copies of base tensors.
+///
+/// Why a clone: TorchScript types are shared between instances of one Python
+/// class (every nn.Linear, every block), so adapter state cannot live on the
+/// base's submodules. `clone(inplace=true)` gives new types and objects that
+/// share every tensor (no memory cost); adapter layers live in a container on
+/// the clone's root (a type of its own), and its forward is replaced, while
+/// the base keeps its original code for disable_adapter() and merge_and_unload().
+
+#include <peft/core/error.h>
+#include <peft/core/match.h>
+#include <peft/jit/graph.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace peft {
+namespace jit {
+
+/// One adapter layer: a small TorchScript module attached to one base module.
+struct AdapterLayer {
+  std::string target;         ///< dotted path of the base module it adapts
+  std::string key;            ///< its attribute name in the container
+  torch::jit::Module module;  ///< holds the adapter's parameters and the `active`/`merged` flags
+};
+
+/// A base tensor replaced in the adapted model by a trainable copy (modules_to_save, BitFit, LoRA bias).
+struct TrainableCopy {
+  std::string module;     ///< dotted path of the owning module
+  std::string attribute;  ///< e.g. "bias"
+  torch::Tensor original; ///< the base's tensor (shared with the base model)
+  torch::Tensor copy;     ///< the adapted model's trainable tensor
+};
+
+/// Builds the adapted model for one adapter of one base model.
+class Injection {
+ public:
+  static constexpr const char* kContainer = "peft_adapters";
+
+  Injection(const torch::jit::Module& base, const std::string& adapter_name) : adapter_name_(adapter_name) {
+    check<ModelError>(base.find_method("forward").has_value(), "the model has no forward method");
+    check<ModelError>(base.parameters().size() > 0,
+                      "the model has no parameters: a frozen or optimised export (torch.jit.freeze) keeps its "
+                      "weights as constants and cannot be adapted; export the unfrozen module");
+    for (auto p : base.parameters()) p.set_requires_grad(false);
+    model_ = base.clone(/*inplace=*/true);
+    container_ = new_module(model_, "Adapters");
+    model_.register_module(kContainer, container_);
+    adapters_ = new_module(model_, "Adapter_" + adapter_name);
+    container_.register_module(adapter_name, adapters_);
+    graph_ = method_graph(model_, "forward");
+  }
+
+  torch::jit::Module& model() { return model_; }
+  Graph& graph() { return *graph_; }
+  const std::string& adapter_name() const { return adapter_name_; }
+  const std::vector<AdapterLayer>& layers() const { return layers_; }
+  std::vector<TrainableCopy>& copies() { return copies_; }
+
+  /// Inlines forward completely; `on_call` sees each submodule call first.
+  void inline_all(const CallHook& on_call = nullptr) {
+    inline_calls(*graph_, on_call, calls_);
+    simplify(graph_);
+  }
+
+  /// Registers an adapter layer for `target`: a new module with `parameters`
+  /// (trainable), `attributes`, the flags `active` = true and `merged` = false,
+  /// and methods compiled from TorchScript `source`.
+  torch::jit::Module add_layer(const std::string& target, const std::string& class_name,
+                               const std::vector<std::pair<std::string, torch::Tensor>>& parameters,
+                               const std::vector<std::pair<std::string, c10::IValue>>& attributes,
+                               const std::string& source) {
+    torch::jit::Module layer = new_module(model_, class_name);
+    for (const auto& [name, value] : parameters) layer.register_parameter(name, value.requires_grad_(true), false);
+    for (const auto& [name, value] : attributes) layer.register_attribute(name, value.type(), value);
+    layer.register_attribute("active", c10::BoolType::get(), true);
+    layer.register_attribute("merged", c10::BoolType::get(), false);
+    layer.define(source);
+    std::string key = layer_key(target);
+    adapters_.register_module(key, layer);
+    layers_.push_back({target, key, layer});
+    return layer;
+  }
+
+  /// Inserts `layer.<method>(args...)` after (or before) `anchor`; returns its output.
+  Value* call(const AdapterLayer& layer, Node* anchor, const std::vector<Value*>& args, bool after,
+              const std::string& method = "forward") {
+    Node* n = insert_method_call(anchor, {kContainer, adapter_name_, layer.key}, layer.module, method, args, after);
+    calls_.insert(n);
+    return n->output();
+  }
+
+  /// A `None` constant at the top of the graph, for optional arguments.
+  Value* none() {
+    if (!none_) {
+      torch::jit::WithInsertPoint guard(graph_->block()->nodes().front());
+      none_ = graph_->insertConstant(c10::IValue());
+    }
+    return none_;
+  }
+
+  /// Replaces the adapted model's tensor `module.attribute` by a trainable copy.
+  void train_copy(const std::string& module, const std::string& attribute) {
+    for (const auto& c : copies_)
+      if (c.module == module && c.attribute == attribute) return;
+    torch::jit::Module owner = submodule(model_, module);
+    torch::Tensor original = owner.attr(attribute).toTensor();
+    torch::Tensor copy = original.detach().clone().requires_grad_(true);
+    owner.setattr(attribute, copy);
+    copies_.push_back({module, attribute, original, copy});
+  }
+
+  /// Every parameter of the adapted model's `module` (and its submodules) as a trainable copy.
+  void train_module_copy(const std::string& module) {
+    for (const auto& p : submodule(model_, module).named_parameters(/*recurse=*/true)) {
+      const auto dot = p.name.rfind('.');
+      const std::string owner = dot == std::string::npos ? module : module + "." + p.name.substr(0, dot);
+      train_copy(owner, dot == std::string::npos ? p.name : p.name.substr(dot + 1));
+    }
+  }
+
+  /// HF's modules_to_save: every module whose name is a key or ends with "." + key
+  /// trains fully, as a copy. Throws TargetError for a key that matches nothing.
+  void train_modules_to_save(const std::vector<std::string>& keys) {
+    for (const auto& key : keys) {
+      std::vector<std::string> matched, all;
+      for (const auto& m : model_.named_modules()) {
+        if (m.name.empty() || m.name.rfind(kContainer, 0) == 0) continue;
+        all.push_back(m.name);
+        if (TargetModules::matches_key(m.name, key)) matched.push_back(m.name);
+      }
+      check<TargetError>(!matched.empty(), "modules_to_save '{}' matched no module; modules: {}", key, join_names(all));
+      for (const auto& name : matched) train_module_copy(name);
+    }
+  }
+
+  /// Installs the rewritten graph as the adapted model's forward.
+  void finish() { replace_method(model_, "forward", graph_); }
+
+  /// "transformer.h.0.attn" -> "transformer__h__0__attn" (attribute names cannot contain dots).
+  static std::string layer_key(const std::string& target) {
+    std::string key;
+    for (char c : target) key += c == '.' ? std::string("__") : std::string(1, c);
+    return key;
+  }
+
+ private:
+  std::string adapter_name_;
+  torch::jit::Module model_, container_, adapters_;
+  std::shared_ptr<Graph> graph_;
+  std::vector<AdapterLayer> layers_;
+  std::vector<TrainableCopy> copies_;
+  std::unordered_set<Node*> calls_;
+  Value* none_ = nullptr;
+};
+
+/// Sets a bool flag (`active`, `merged`) on an adapter layer; read at run time,
+/// so it takes effect on the next forward without recompiling.
+inline void set_flag(const AdapterLayer& layer, const std::string& flag, bool value) {
+  torch::jit::Module module = layer.module;  // a handle: setattr is non-const
+  module.setattr(flag, value);
+}
+
+/// The base tensor `attribute` of the module at `path` in `root`.
+inline torch::Tensor base_tensor(const torch::jit::Module& root, const std::string& path, const std::string& attribute) {
+  return submodule(root, path).attr(attribute).toTensor();
+}
+
+/// Methods that rewrite a model implement this; PeftModel drives it.
+class Tuner {
+ public:
+  virtual ~Tuner() = default;
+  /// "LoRA", "IA3", ... for messages.
+  virtual std::string method() const = 0;
+  /// Whether merge() can fold the adapter into the base weights.
+  virtual bool mergeable() const { return false; }
+  virtual void merge() {
+    throw ModelError(method() + " inserts computation that cannot be folded into the base weights; it cannot be merged");
+  }
+  virtual void unmerge() {}
+};
+
+}  // namespace jit
+}  // namespace peft

@@ -1,0 +1,105 @@
+#pragma once
+/// @file
+/// Where methods attach in an inlined forward graph: the linear layers, found
+/// by the module path of their weight, in the three forms exports use.
+
+#include <peft/core/error.h>
+#include <peft/jit/graph.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace peft {
+namespace jit {
+
+/// One application of a linear layer in the graph.
+struct LinearSite {
+  std::string module;          ///< dotted path of the module owning the weight
+  Value* input = nullptr;      ///< x
+  Value* output = nullptr;     ///< the layer's result (after the bias add)
+  Value* weight = nullptr;     ///< the GetAttr read of the weight
+  Value* bias = nullptr;       ///< the bias read, or nullptr
+  Node* first = nullptr;       ///< the node consuming x (where input scaling goes)
+  bool fan_in_fan_out = false; ///< weight stored [in, out] (x @ W + b)
+  int64_t in_features = 0, out_features = 0;
+};
+
+namespace detail {
+
+/// The `bias` read of `module` if `value` is one.
+inline Value* bias_of(Value* value, const std::string& module) {
+  auto attr = attribute_of(value);
+  return attr && attr->first == module && attr->second == "bias" ? value : nullptr;
+}
+
+/// The weight tensor of a linear site, to read its shape.
+inline torch::Tensor weight_tensor(const torch::jit::Module& root, const std::string& module) {
+  return submodule(root, module).attr("weight").toTensor();
+}
+
+}  // namespace detail
+
+/// Finds every linear layer application in an inlined graph:
+/// `aten::linear(x, W, b)` (nn.Linear, scripted or traced), `aten::matmul(x, W)`
+/// optionally followed by `+ b` (GPT-2's Conv1D, W stored [in, out]), and
+/// `aten::addmm(b, x, W)` (HF's Conv1D). Throws ModelError if a linear weight is
+/// a baked-in constant: a frozen or optimised export cannot be adapted.
+inline std::vector<LinearSite> find_linear_sites(Graph& graph, const torch::jit::Module& root) {
+  std::vector<LinearSite> sites;
+  for_each_node(graph.block(), [&](Node* n) {
+    const auto kind = n->kind();
+    const bool linear = kind == c10::aten::linear, matmul = kind == c10::aten::matmul, addmm = kind == c10::aten::addmm;
+    if (!linear && !matmul && !addmm) return;
+    Value* w = n->input(addmm ? 2 : 1);
+    check<ModelError>(!(linear && is_tensor_constant(w)),
+                      "the model's linear weights are constants in the graph: a frozen or optimised export "
+                      "(torch.jit.freeze / optimize_for_inference) cannot be adapted; export the unfrozen module");
+    auto attr = attribute_of(w);
+    if (!attr || attr->second != "weight") return;
+    LinearSite site;
+    site.module = attr->first;
+    site.weight = w;
+    site.first = n;
+    site.input = n->input(addmm ? 1 : 0);
+    site.output = n->output();
+    torch::Tensor W = detail::weight_tensor(root, site.module);
+    if (W.dim() != 2) return;
+    site.fan_in_fan_out = !linear;
+    site.in_features = linear ? W.size(1) : W.size(0);
+    site.out_features = linear ? W.size(0) : W.size(1);
+    if (linear && n->input(2)->type()->kind() != c10::TypeKind::NoneType) site.bias = n->input(2);
+    if (addmm) site.bias = detail::bias_of(n->input(0), site.module);
+    if (matmul && n->output()->uses().size() == 1) {
+      Node* add = n->output()->uses()[0].user;
+      if (add->kind() == c10::aten::add && add->input(0) == n->output()) {
+        if (Value* b = detail::bias_of(add->input(1), site.module)) {
+          site.bias = b;
+          site.output = add->output();
+        }
+      }
+    }
+    sites.push_back(site);
+  });
+  return sites;
+}
+
+/// Whether `value` reaches the graph's outputs directly (or inside a returned tuple).
+inline bool is_graph_output(Value* value) {
+  for (const auto& use : value->uses()) {
+    Node* user = use.user;
+    if (user == value->owningGraph()->return_node()) return true;
+    if (user->kind() == c10::prim::TupleConstruct && is_graph_output(user->output())) return true;
+  }
+  return false;
+}
+
+/// Groups sites by module path (a layer may be applied more than once).
+inline std::map<std::string, std::vector<LinearSite>> sites_by_module(const std::vector<LinearSite>& sites) {
+  std::map<std::string, std::vector<LinearSite>> out;
+  for (const auto& s : sites) out[s.module].push_back(s);
+  return out;
+}
+
+}  // namespace jit
+}  // namespace peft

@@ -1,0 +1,70 @@
+#pragma once
+/// @file
+/// LoraConfig: LoRA for a whole model, with HF peft's field names.
+
+#include <peft/core/match.h>
+#include <peft/lora/options.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace peft {
+
+/// Per-module output-slice flags (see LoraConfig::slice_pattern).
+using SlicePattern = std::map<std::string, std::vector<bool>>;
+/// Per-module rank and alpha (see LoraConfig::rank_pattern).
+using RankPattern = std::map<std::string, int64_t>;
+using AlphaPattern = std::map<std::string, double>;
+
+/// Which biases train alongside LoRA (HF's `bias`).
+enum class LoraBias { None, All, LoraOnly };
+
+/// LoRA on the linear layers of a loaded TorchScript model.
+///
+/// ```
+/// auto cfg = peft::LoraConfig().r(8).lora_alpha(16).lora_dropout(0.05).target_modules({"q_proj", "v_proj"});
+/// peft::PeftModel model = peft::get_peft_model(torch::jit::load("model.pt"), cfg);
+/// ```
+struct LoraConfig {
+  TORCH_ARG(int64_t, r) = 8;
+  TORCH_ARG(double, lora_alpha) = 8.0;
+  TORCH_ARG(double, lora_dropout) = 0.0;
+  /// Names (exact or `.`-suffix), one regex (full match), or "all-linear".
+  TORCH_ARG(TargetModules, target_modules);
+  TORCH_ARG(TargetModules, exclude_modules);
+  /// Only these layer indices (the number after `layers_pattern.` in the name).
+  TORCH_ARG(std::vector<int64_t>, layers_to_transform) = {};
+  TORCH_ARG(std::vector<std::string>, layers_pattern) = {};
+  /// Per-module rank / alpha: key k applies where `(.*\.)?(k)` matches the name.
+  TORCH_ARG(RankPattern, rank_pattern) = {};
+  TORCH_ARG(AlphaPattern, alpha_pattern) = {};
+  TORCH_ARG(bool, use_rslora) = false;
+  TORCH_ARG(bool, use_dora) = false;
+  TORCH_ARG(LoraInit, init_lora_weights) = LoraInit::Default;
+  /// Weights stored [in, out]. Detected from the graph (x @ W); kept for HF's config file.
+  TORCH_ARG(bool, fan_in_fan_out) = false;
+  TORCH_ARG(LoraBias, bias) = LoraBias::None;
+  /// Base submodules (e.g. a classifier head) that train fully, as copies.
+  TORCH_ARG(std::vector<std::string>, modules_to_save) = {};
+  /// Per-slice LoRA on fused projections: key as in rank_pattern, value one flag
+  /// per equal output slice, e.g. {"c_attn", {true, false, true}} for q and v of GPT-2.
+  TORCH_ARG(SlicePattern, slice_pattern) = {};
+
+ public:  // TORCH_ARG leaves the section private
+  /// The module-selection fields.
+  TargetRule rule() const { return {target_modules_, exclude_modules_, layers_to_transform_, layers_pattern_}; }
+
+  /// LoraOptions for the module `name`, after rank_pattern / alpha_pattern / slice_pattern.
+  LoraOptions options_for(const std::string& name) const {
+    return LoraOptions(pattern_value(rank_pattern_, name).value_or(r_))
+        .alpha(pattern_value(alpha_pattern_, name).value_or(lora_alpha_))
+        .dropout(lora_dropout_)
+        .use_rslora(use_rslora_)
+        .use_dora(use_dora_)
+        .init(init_lora_weights_)
+        .enable_slices(pattern_value(slice_pattern_, name).value_or(std::vector<bool>{}));
+  }
+};
+
+}  // namespace peft

@@ -1,0 +1,209 @@
+#pragma once
+/// @file
+/// LoRA (and DoRA) inserted into a loaded TorchScript model: after every
+/// application of a targeted linear layer, `y = y + s·B·A·dropout(x)` computed
+/// by a small TorchScript module, so the saved model still loads in plain PyTorch.
+
+#include <peft/jit/inject.h>
+#include <peft/jit/site.h>
+#include <peft/lora/config.h>
+#include <peft/lora/functional.h>
+#include <peft/lora/module.h>
+
+#include <fmt/format.h>
+
+namespace peft {
+namespace lora {
+
+/// TorchScript source of one LoRA layer. It computes what
+/// peft::functional::lora_branch / dora compute (tests compare the two).
+inline std::string layer_source(const LoraOptions& o, bool fan_in_fan_out) {
+  std::string branch;
+  const auto& slices = o.enable_slices();
+  if (slices.empty()) {
+    branch = "torch.matmul(torch.matmul(h, self.lora_A.t()), self.lora_B.t())";
+  } else {
+    const auto k = std::count(slices.begin(), slices.end(), true);
+    std::string parts;
+    int64_t next = 0;
+    for (bool on : slices) {
+      parts += parts.empty() ? "" : ", ";
+      parts += on ? fmt::format("torch.matmul(a[{0}], b[{0}].t())", next++) : "torch.zeros_like(p0)";
+    }
+    branch = fmt::format("torch.cat([{}], -1)", parts);
+    branch = fmt::format(
+        "a = torch.matmul(h, self.lora_A.t()).chunk({0}, -1)\n"
+        "    b = self.lora_B.chunk({0}, 0)\n"
+        "    p0 = torch.matmul(a[0], b[0].t())\n"
+        "    return y + {1} * self.scaling",
+        k, branch);
+  }
+  const std::string head =
+      "    if self.merged or not self.active:\n"
+      "        return y\n"
+      "    h = torch.dropout(x, self.lora_dropout, self.training)\n";
+  if (!o.use_dora()) {
+    if (!slices.empty()) return "def forward(self, x: Tensor, y: Tensor) -> Tensor:\n" + head + "    " + branch + "\n";
+    return "def forward(self, x: Tensor, y: Tensor) -> Tensor:\n" + head + "    return y + " + branch +
+           " * self.scaling\n";
+  }
+  // DoRA, as functional::dora: y + (m/‖W+sBA‖ − 1)·(xWᵀ) + m/‖W+sBA‖ · s·BA·h, norm detached.
+  return "def forward(self, x: Tensor, y: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:\n" + head +
+         fmt::format("    w = weight{}\n", fan_in_fan_out ? ".t()" : "") +
+         "    norm = (w + torch.matmul(self.lora_B, self.lora_A) * self.scaling).norm(2, [1]).detach()\n"
+         "    scale = self.lora_magnitude_vector / norm\n"
+         "    base = y\n"
+         "    if self.training and self.lora_dropout > 0.0:\n"
+         "        base = torch.matmul(h, w.t())\n"
+         "    elif bias is not None:\n"
+         "        base = y - bias\n"
+         "    return y + (scale - 1) * base + scale * (" + branch + " * self.scaling)\n";
+}
+
+/// One injected LoRA layer and what merging needs.
+struct Layer {
+  jit::AdapterLayer layer;
+  LoraOptions options;
+  bool fan_in_fan_out;
+  torch::Tensor dora_scale;  // m/‖W + ΔW‖ at merge time
+};
+
+/// LoRA on the targeted linear layers of an Injection.
+class Tuner : public jit::Tuner {
+ public:
+  Tuner(jit::Injection& injection, const LoraConfig& config) : model_(injection.model()) {
+    injection.inline_all();
+    auto sites = jit::sites_by_module(jit::find_linear_sites(injection.graph(), model_));
+    std::vector<std::string> names, linear;
+    for (const auto& m : model_.named_modules()) names.push_back(m.name);
+    for (const auto& [module, uses] : sites)
+      if (!config.target_modules().is_all_linear() || !is_output_head(module, uses)) linear.push_back(module);
+    for (const auto& target : select_targets(names, linear, config.rule(), "LoraConfig", "linear layer"))
+      add(injection, config, target, sites.at(target));
+    if (!orientation_mismatch_.empty())  // HF peft warns and corrects the same way
+      fmt::print(stderr, "peft: warning: LoraConfig.fan_in_fan_out={} does not fit {}; using the layout the graph shows\n",
+                 config.fan_in_fan_out(), join_names(orientation_mismatch_, 4));
+    train_biases(injection, config);
+    injection.train_modules_to_save(config.modules_to_save());
+  }
+
+  std::string method() const override { return "LoRA"; }
+  bool mergeable() const override { return true; }
+  const std::vector<Layer>& layers() const { return layers_; }
+
+  void merge() override {
+    torch::NoGradGuard no_grad;
+    for (auto& l : layers_) {
+      if (l.layer.module.attr("merged").toBool()) continue;
+      torch::Tensor W = weight(l);
+      torch::Tensor delta = delta_weight(l);
+      if (l.options.use_dora()) {
+        torch::Tensor m = l.layer.module.attr("lora_magnitude_vector").toTensor();
+        l.dora_scale = m / functional::dora_weight_norm(W, factor(l, "lora_A"), factor(l, "lora_B"), func(l));
+        torch::Tensor scale = l.fan_in_fan_out ? l.dora_scale.unsqueeze(0) : l.dora_scale.unsqueeze(1);
+        W.copy_((W + delta) * scale);
+      } else {
+        W.add_(delta);
+      }
+      jit::set_flag(l.layer, "merged", true);
+    }
+  }
+
+  void unmerge() override {
+    torch::NoGradGuard no_grad;
+    for (auto& l : layers_) {
+      if (!l.layer.module.attr("merged").toBool()) continue;
+      torch::Tensor W = weight(l);
+      if (l.options.use_dora()) {
+        torch::Tensor scale = l.fan_in_fan_out ? l.dora_scale.unsqueeze(0) : l.dora_scale.unsqueeze(1);
+        W.copy_(W / scale - delta_weight(l));
+      } else {
+        W.sub_(delta_weight(l));
+      }
+      jit::set_flag(l.layer, "merged", false);
+    }
+  }
+
+ private:
+  /// "all-linear" leaves out the output head: a linear whose result is the model's output.
+  static bool is_output_head(const std::string& module, const std::vector<jit::LinearSite>& uses) {
+    return module == "lm_head" || TargetModules::matches_key(module, "lm_head") ||
+           std::any_of(uses.begin(), uses.end(), [](const jit::LinearSite& s) { return jit::is_graph_output(s.output); });
+  }
+
+  void add(jit::Injection& injection, const LoraConfig& config, const std::string& target,
+           const std::vector<jit::LinearSite>& uses) {
+    const jit::LinearSite& site = uses.front();
+    LoraOptions options = config.options_for(target);
+    options.validate(site.in_features, site.out_features, "LoraConfig target '" + target + "'");
+    if (config.fan_in_fan_out() != site.fan_in_fan_out) orientation_mismatch_.push_back(target);
+    auto [A, B, magnitude] = initial_factors(target, site, options);
+    std::vector<std::pair<std::string, torch::Tensor>> params{{"lora_A", A}, {"lora_B", B}};
+    if (options.use_dora()) params.emplace_back("lora_magnitude_vector", magnitude);
+    auto module = injection.add_layer(target, "LoraLayer", params,
+                                      {{"scaling", options.scaling()}, {"lora_dropout", options.dropout()}},
+                                      layer_source(options, site.fan_in_fan_out));
+    const jit::AdapterLayer& layer = injection.layers().back();
+    for (const auto& use : uses) {
+      std::vector<jit::Value*> args{use.input, use.output};
+      if (options.use_dora()) {
+        args.push_back(use.weight);
+        args.push_back(use.bias ? use.bias : injection.none());
+      }
+      jit::Value* adapted = injection.call(layer, use.output->node(), args, /*after=*/true);
+      jit::reroute_uses(use.output, adapted->node(), adapted);
+    }
+    layers_.push_back({layer, options, site.fan_in_fan_out, {}});
+  }
+
+  /// A, B (and DoRA's magnitude) on the weight's device and dtype; PiSSA rewrites the base weight.
+  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> initial_factors(const std::string& target,
+                                                                         const jit::LinearSite& site,
+                                                                         const LoraOptions& options) {
+    torch::NoGradGuard no_grad;
+    torch::Tensor W = jit::base_tensor(model_, target, "weight");
+    torch::Tensor W_out_in = site.fan_in_fan_out ? W.t() : W;
+    // The native module owns the initialisation rules; its factors are taken over.
+    torch::nn::Linear probe(torch::nn::LinearOptions(site.in_features, site.out_features).bias(false));
+    probe->to(W.device(), W.scalar_type());
+    probe->weight.copy_(W_out_in);
+    LoRALinear native(probe, options);
+    if (options.init() == LoraInit::PiSSA) W.copy_(site.fan_in_fan_out ? probe->weight.t() : probe->weight);
+    torch::Tensor A = native->lora_A.detach(), B = native->lora_B.detach();
+    // The magnitude starts at the norm the layer computes, with the same ops on the
+    // stored weight, so a fresh DoRA layer reproduces the base bit for bit.
+    torch::Tensor magnitude;
+    if (options.use_dora())
+      magnitude = functional::dora_weight_norm(
+          W, A, B, functional::LoraFuncOptions().scaling(options.scaling()).fan_in_fan_out(site.fan_in_fan_out));
+    return {A, B, magnitude};
+  }
+
+  void train_biases(jit::Injection& injection, const LoraConfig& config) {
+    if (config.bias() == LoraBias::None) return;
+    for (const auto& m : model_.named_modules()) {
+      const bool lora_layer = std::any_of(layers_.begin(), layers_.end(), [&](const Layer& l) { return l.layer.target == m.name; });
+      if (config.bias() == LoraBias::LoraOnly && !lora_layer) continue;
+      if (m.value.hasattr("bias") && m.value.attr("bias").isTensor()) injection.train_copy(m.name, "bias");
+    }
+  }
+
+  functional::LoraFuncOptions func(const Layer& l) const {
+    return functional::LoraFuncOptions()
+        .scaling(l.options.scaling())
+        .fan_in_fan_out(l.fan_in_fan_out)
+        .enable_slices(l.options.enable_slices());
+  }
+  torch::Tensor factor(const Layer& l, const char* name) const { return l.layer.module.attr(name).toTensor().detach(); }
+  torch::Tensor weight(const Layer& l) const { return jit::base_tensor(model_, l.layer.target, "weight"); }
+  torch::Tensor delta_weight(const Layer& l) const {
+    return functional::lora_delta_weight(factor(l, "lora_A"), factor(l, "lora_B"), func(l));
+  }
+
+  torch::jit::Module model_;
+  std::vector<Layer> layers_;
+  std::vector<std::string> orientation_mismatch_;
+};
+
+}  // namespace lora
+}  // namespace peft
