@@ -371,12 +371,28 @@ def export(arch: str, out_dir: str) -> None:
     torch.jit.script(References(refs)).save(os.path.join(out_dir, f"{arch}_ref.pt"))
 
 
+def export_gpt2_small(path: str) -> None:
+    """A scripted GPT-2-small-size model (12 layers, d=768, 12 heads, vocab
+    50257, lm_head tied to wte as in GPT-2) with random weights, for benchmarks."""
+    global HIDDEN, HEADS, LAYERS, VOCAB, MAX_POS
+    HIDDEN, HEADS, LAYERS, VOCAB, MAX_POS = 768, 12, 12, 50257, 1024
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel().eval()
+    model.lm_head.weight = model.transformer.wte.weight
+    torch.jit.script(model).save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--gpt2-small", action="store_true",
+                        help="write only gpt2_small_scripted.pt, the benchmark model")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
+    if args.gpt2_small:
+        export_gpt2_small(os.path.join(args.out, "gpt2_small_scripted.pt"))
+        return
     for arch in ARCHS:
         export(arch, args.out)
         print(f"exported {arch} fixtures to {args.out}")

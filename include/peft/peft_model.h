@@ -10,6 +10,7 @@
 #include <torch/script.h>
 
 #include <memory>
+#include <unordered_set>
 #include <variant>
 
 namespace peft {
@@ -67,7 +68,9 @@ class PeftModel {
   /// Trainable and total parameter counts (total = base + adapter).
   ParameterCount count_parameters() const {
     ParameterCount count;
-    for (const auto& p : adapted_.parameters()) count.total += p.numel();
+    std::unordered_set<const void*> seen;  // tied weights (GPT-2's wte/lm_head) count once
+    for (const auto& p : adapted_.parameters())
+      if (seen.insert(p.unsafeGetTensorImpl()).second) count.total += p.numel();
     for (const auto& p : trainable_parameters()) count.trainable += p.numel();
     return count;
   }

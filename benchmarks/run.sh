@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Runs the benchmarks and writes their tables into docs/performance.md.
+#   benchmarks/run.sh [BUILD_DIR]      (default build; a Release build)
+# Each section of docs/performance.md between "<!-- BEGIN name -->" and
+# "<!-- END name -->" is replaced by the new results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${1:-build}
+THREADS=${THREADS:-2}
+cmake --build "$BUILD" --target peft-bench-model -j "$(nproc)"
+
+model="$BUILD/bench/gpt2_small_scripted.pt"
+[ -f "$model" ] || /usr/bin/python3 tools/export_fixtures.py --out "$BUILD/bench" --gpt2-small
+bench="$BUILD/benchmarks/peft-bench-model --model $model --threads $THREADS"
+
+rss_row() {  # rss_row [--jit-executor]
+  local lora full
+  lora=$($bench --rss lora "$@" | awk '/peak_rss_mib/ {print $3}')
+  full=$($bench --rss full "$@" | awk '/peak_rss_mib/ {print $3}')
+  awk -v a="$lora" -v b="$full" 'BEGIN {printf "| peak RSS, LoRA training / full fine-tuning (separate processes) | %.3f (%d MiB / %d MiB) | <= 0.40 |\n", a / b, a, b}'
+}
+
+eager=$($bench | grep '^|'; rss_row)
+executor=$($bench --jit-executor | grep '^|'; rss_row --jit-executor)
+
+libtorch=$(dpkg-query -W -f='${Version}' libtorch-dev 2>/dev/null || echo unknown)
+section=$(cat <<MD
+Measured $(date -u +%Y-%m-%d) on $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), $THREADS threads,
+LibTorch $libtorch, command \`benchmarks/run.sh\`.
+Model: scripted GPT-2-small size (12 layers, d=768, 12 heads, vocab 50257, tied
+lm_head, random weights), batch 4, sequence 128, AdamW. LoRA: r=8 on the q and v
+slices of every \`c_attn\` (294,912 trainable of 124.4 M). Ratios are medians of
+runs alternated in one process; peak RSS comes from separate processes.
+
+### Eager autograd (\`peft::jit::set_graph_optimization(false)\`, recommended for training)
+
+$eager
+
+### TorchScript graph executor with its default optimisations
+
+$executor
+
+Why peak RSS misses 0.40: at batch 4 × 128 the activations (about 1.0 GB, of which
+the 50257-wide logits, their log-softmax and gradients are about 0.4 GB) are the
+same for both methods and larger than the frozen weights (0.5 GB). LoRA removes
+the weight gradients and the AdamW state (1.5 GB), so its floor here is about
+(0.6 + 1.0) / (0.6 + 1.0 + 1.5) = 0.5. Getting under 0.40 needs activation
+checkpointing or a smaller batch; QLoRA (4-bit base) lowers the weights' share.
+MD
+)
+/usr/bin/python3 - "$section" <<'PY'
+import re, sys, pathlib
+path = pathlib.Path("docs/performance.md")
+text = path.read_text() if path.exists() else "# Performance\n"
+name, body = "peft_model", sys.argv[1]
+block = f"<!-- BEGIN {name} -->\n## PeftModel on a GPT-2-small-size model\n\n{body}\n<!-- END {name} -->"
+pattern = re.compile(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->", re.S)
+text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+path.write_text(text)
+PY
+echo "$section"
