@@ -66,14 +66,6 @@ double peak_rss_mib() {
   return usage.ru_maxrss / 1024.0;
 }
 
-/// Median of `runs` timings of `fn`.
-double median_time(int runs, const std::function<double()>& fn) {
-  std::vector<double> t;
-  for (int i = 0; i < runs; ++i) t.push_back(fn());
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
 int rss_mode(const std::string& path, const std::string& method, const torch::Tensor& ids) {
   torch::jit::Module base = torch::jit::load(path);
 

@@ -357,6 +357,99 @@ def reference_inputs(arch: str):
 
 ARCHS = {"gpt2": GPT2LMHeadModel, "bert": BertModel, "llama": LlamaForCausalLM}
 
+# ------------------------------------------- prompt / prefix tuning references
+# Computed here in eager mode from the fixtures' own modules, independently of
+# the C++ graph analysis that must reproduce them.
+PROMPT_TOKENS = 4
+PREFIX_TOKENS = 3
+
+
+def prompt_reference(arch: str, model, inputs, prompt: Tensor) -> Tensor:
+    """Runs the model's layers on [P; X] and drops the prompt positions."""
+    ids = inputs["input_ids"]
+    k = prompt.size(0)
+    P = prompt.unsqueeze(0).expand(ids.size(0), -1, -1)
+    if arch == "gpt2":
+        body = model.transformer
+        positions = torch.arange(ids.size(1))
+        x = torch.cat([P, body.wte(ids) + body.wpe(positions).unsqueeze(0)], 1)
+        for block in body.h:
+            x = block(x)
+        return model.lm_head(body.ln_f(x))[:, k:]
+    if arch == "bert":
+        x = torch.cat([P, model.embeddings(ids)], 1)
+        mask = torch.cat([torch.ones(ids.size(0), k, dtype=torch.long), inputs["attention_mask"]], 1)
+        additive = (1.0 - mask[:, None, None, :].float()) * -10000.0
+        return model.encoder(x, additive)[:, k:]
+    x = torch.cat([P, model.model.embed_tokens(ids)], 1)
+    for layer in model.model.layers:
+        x = layer(x)
+    return model.lm_head(model.model.norm(x))[:, k:]
+
+
+def with_prefix(keys: Tensor, values: Tensor, pk: Tensor, pv: Tensor):
+    """[prefix; K], [prefix; V] along the sequence, after the head split."""
+    b = keys.size(0)
+    return (torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), keys], 2),
+            torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), values], 2))
+
+
+def causal_with_prefix(t: int, p: int) -> Tensor:
+    """True where query i may attend: every prefix position and keys <= i."""
+    return torch.cat([torch.ones(t, p, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)
+
+
+def gpt2_prefix_attention(self, x, pk, pv):
+    q, k, v = self.c_attn(x).split(self.hidden, dim=2)
+    q, k, v = split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
+    k, v = with_prefix(k, v, pk, pv)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(self.hidden // self.heads)
+    scores = scores.masked_fill(~causal_with_prefix(x.size(1), pk.size(1)), -1e9)
+    return self.c_proj(merge_heads(F.softmax(scores, dim=-1) @ v))
+
+
+def bert_prefix_attention(self, x, additive_mask, pk, pv):
+    q = split_heads(self.query(x), self.heads)
+    k, v = with_prefix(split_heads(self.key(x), self.heads), split_heads(self.value(x), self.heads), pk, pv)
+    mask = torch.cat([torch.zeros(*additive_mask.shape[:-1], pk.size(1)), additive_mask], -1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask
+    return merge_heads(F.softmax(scores, dim=-1) @ v)
+
+
+def llama_prefix_attention(self, x, pk, pv):
+    b, t = x.size(0), x.size(1)
+    q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+    k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+    v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+    emb = torch.cat([torch.outer(torch.arange(t).float(), self.inv_freq)] * 2, dim=-1)
+    q = q * emb.cos() + rotate_half(q) * emb.sin()
+    k = k * emb.cos() + rotate_half(k) * emb.sin()
+    k, v = with_prefix(k, v, pk, pv)  # prefix keys join after RoPE, with the KV-head count
+    k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+    v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+    scores = scores.masked_fill(~causal_with_prefix(t, pk.size(1)), -1e9)
+    return self.o_proj(merge_heads(F.softmax(scores, dim=-1) @ v))
+
+
+def prefix_reference(arch: str, model, inputs, prefix: Tensor) -> Tensor:
+    """The model with every attention replaced by the same attention over
+    [prefix; K], [prefix; V]; prefix is [layers, 2, kv_heads, P, head_dim]."""
+    if arch == "gpt2":
+        attentions = [blk.attn for blk in model.transformer.h]
+    elif arch == "bert":
+        attentions = [lyr.attention.self for lyr in model.encoder.layer]
+    else:
+        attentions = [lyr.self_attn for lyr in model.model.layers]
+    impl = {"gpt2": gpt2_prefix_attention, "bert": bert_prefix_attention, "llama": llama_prefix_attention}[arch]
+    for i, attn in enumerate(attentions):
+        attn.forward = (lambda a, i: lambda *args: impl(a, *args, prefix[i, 0], prefix[i, 1]))(attn, i)
+    try:
+        return model(*inputs.values())
+    finally:
+        for attn in attentions:
+            del attn.forward
+
 
 def export(arch: str, out_dir: str) -> None:
     torch.manual_seed({"gpt2": 1, "bert": 2, "llama": 3}[arch])
@@ -367,7 +460,14 @@ def export(arch: str, out_dir: str) -> None:
         expected = model(*args)
     torch.jit.script(model).save(os.path.join(out_dir, f"{arch}_scripted.pt"))
     torch.jit.trace(model, args).save(os.path.join(out_dir, f"{arch}_traced.pt"))
-    refs = dict(inputs, expected=expected)
+    kv_heads = KV_HEADS if arch == "llama" else HEADS
+    prompt = torch.randn(PROMPT_TOKENS, HIDDEN) * 0.5
+    prefix = torch.randn(LAYERS, 2, kv_heads, PREFIX_TOKENS, HIDDEN // HEADS)
+    with torch.no_grad():
+        prompt_expected = prompt_reference(arch, model, inputs, prompt)
+        prefix_expected = prefix_reference(arch, model, inputs, prefix)
+    refs = dict(inputs, expected=expected, prompt=prompt, prompt_expected=prompt_expected,
+                prefix=prefix, prefix_expected=prefix_expected)
     torch.jit.script(References(refs)).save(os.path.join(out_dir, f"{arch}_ref.pt"))
 
 

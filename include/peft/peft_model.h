@@ -7,6 +7,8 @@
 #include <peft/core/trainable.h>
 #include <peft/ia3/inject.h>
 #include <peft/lora/inject.h>
+#include <peft/prefix/inject.h>
+#include <peft/prompt/inject.h>
 #include <torch/script.h>
 
 #include <memory>
@@ -16,7 +18,8 @@
 namespace peft {
 
 /// Any method's config.
-using PeftConfig = std::variant<LoraConfig, IA3Config, AdapterConfig, BitFitConfig>;
+using PeftConfig =
+    std::variant<LoraConfig, IA3Config, AdapterConfig, BitFitConfig, PromptTuningConfig, PrefixTuningConfig>;
 
 /// A loaded TorchScript model with one method injected. Only the adapter
 /// parameters (plus modules_to_save and any trained biases) require grad; the
@@ -60,7 +63,8 @@ class PeftModel {
   std::vector<std::pair<std::string, torch::Tensor>> named_trainable_parameters() const {
     std::vector<std::pair<std::string, torch::Tensor>> out;
     for (const auto& l : layers_)
-      for (const auto& p : l.module.named_parameters(/*recurse=*/false)) out.emplace_back(l.target + "." + p.name, p.value);
+      for (const auto& p : l.module.named_parameters(/*recurse=*/false))
+        if (p.value.requires_grad()) out.emplace_back(l.target + "." + p.name, p.value);
     for (const auto& c : copies_) out.emplace_back(c.module + "." + c.attribute, c.copy);
     return out;
   }
@@ -127,6 +131,10 @@ class PeftModel {
     return base_;
   }
 
+  /// Prefix tuning: replaces the reparametrisation MLP by the prefixes it
+  /// produces now (for saving and inference). A no-op for other methods.
+  void fold_projection() { tuner_->fold_projection(); }
+
   /// The adapted TorchScript module: save() it to get a model that loads in plain PyTorch.
   torch::jit::Module& module() { return adapted_; }
   /// The base model (original code; shares the frozen tensors).
@@ -153,6 +161,12 @@ class PeftModel {
   }
   static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const BitFitConfig& c) {
     return std::make_unique<bitfit::Tuner>(i, c);
+  }
+  static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const PromptTuningConfig& c) {
+    return std::make_unique<prompt::Tuner>(i, c);
+  }
+  static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const PrefixTuningConfig& c) {
+    return std::make_unique<prefix::Tuner>(i, c);
   }
 
   torch::jit::Module base_, adapted_;

@@ -101,8 +101,7 @@ class Tuner : public jit::Tuner {
  private:
   /// The submodules forward calls, found on a scratch copy of the graph.
   void collect_calls(jit::Injection& injection, std::vector<std::string>& called) {
-    auto scratch = injection.graph().copy();
-    jit::inline_calls(*scratch, [&](jit::Node*, const std::string& path) { called.push_back(path); }, {});
+    jit::inlined_copy(injection.graph(), [&](jit::Node*, const std::string& path) { called.push_back(path); });
   }
 
   /// Adds the layer (sized later) and routes the call's output through it.

@@ -91,6 +91,15 @@ inline void simplify(std::shared_ptr<Graph> graph) {
   torch::jit::EliminateDeadCode(graph);
 }
 
+/// A fully inlined and simplified copy of `graph`, for analysis; `on_call`
+/// sees each submodule call first.
+inline std::shared_ptr<Graph> inlined_copy(Graph& graph, const CallHook& on_call = nullptr) {
+  std::shared_ptr<Graph> copy = graph.copy();
+  inline_calls(*copy, on_call, {});
+  simplify(copy);
+  return copy;
+}
+
 /// Inserts `self.<path...>` GetAttr reads before `anchor` and a call of method
 /// `method` on that module with `args`, returning the call node (output Tensor).
 inline Node* insert_method_call(Node* anchor, const std::vector<std::string>& path, const torch::jit::Module& callee,

@@ -184,6 +184,8 @@ class Tuner {
     throw ModelError(method() + " inserts computation that cannot be folded into the base weights; it cannot be merged");
   }
   virtual void unmerge() {}
+  /// Folds a training-time reparametrisation into plain tensors (prefix tuning's MLP).
+  virtual void fold_projection() {}
 };
 
 }  // namespace jit

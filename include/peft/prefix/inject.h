@@ -1,0 +1,154 @@
+#pragma once
+/// @file
+/// Prefix tuning on a loaded TorchScript model: in every attention, learned
+/// keys and values [kv_heads, P, head_dim] joined to K and V after the head
+/// split (before a grouped-query head repeat), and every mask on the scores
+/// extended so the prefix positions are always attended.
+
+#include <peft/jit/attention.h>
+#include <peft/jit/inject.h>
+#include <peft/prefix/prefix.h>
+
+namespace peft {
+
+/// Prefix tuning for a whole model (HF peft's PREFIX_TUNING).
+///
+/// ```
+/// auto cfg = peft::PrefixTuningConfig().num_virtual_tokens(10).prefix_projection(true).encoder_hidden_size(256);
+/// ```
+struct PrefixTuningConfig {
+  TORCH_ARG(int64_t, num_virtual_tokens) = 20;
+  /// Train the prefixes through Embedding → Linear → Tanh → Linear (Li & Liang).
+  TORCH_ARG(bool, prefix_projection) = false;
+  TORCH_ARG(int64_t, encoder_hidden_size) = 512;
+  /// Width of the reparametrisation's input embedding; 0: kv_heads · head_dim.
+  TORCH_ARG(int64_t, token_dim) = 0;
+  /// Key/value heads and head width; 0: read from the graph (the head-split view).
+  TORCH_ARG(int64_t, num_key_value_heads) = 0;
+  TORCH_ARG(int64_t, head_dim) = 0;
+};
+
+namespace prefix {
+
+/// TorchScript source of the prefix store shared by every attention layer.
+inline std::string layer_source() {
+  return "def prefixes(self) -> Tensor:\n"
+         "    if self.use_projection:\n"
+         "        h = torch.linear(torch.tanh(torch.linear(self.embedding, self.transform_0_weight, "
+         "self.transform_0_bias)), self.transform_2_weight, self.transform_2_bias)\n"
+         "        h = h.view([self.num_virtual_tokens, self.num_layers, 2, self.kv_heads, self.head_dim])\n"
+         "        return h.permute([1, 2, 3, 0, 4])\n"
+         "    return self.prefix\n"
+         "def keys(self, i: int, k: Tensor) -> Tensor:\n"
+         "    p = self.prefixes()[i][0].to(k.dtype).unsqueeze(0).expand(k.size(0), -1, -1, -1)\n"
+         "    return torch.cat([p, k], 2)\n"
+         "def values(self, i: int, v: Tensor) -> Tensor:\n"
+         "    p = self.prefixes()[i][1].to(v.dtype).unsqueeze(0).expand(v.size(0), -1, -1, -1)\n"
+         "    return torch.cat([p, v], 2)\n"
+         "def mask(self, m: Tensor, attend: float) -> Tensor:\n"
+         "    if m.dim() == 0 or m.size(-1) == 1:\n"
+         "        return m\n"
+         "    sizes = m.size()\n"
+         "    sizes[-1] = self.num_virtual_tokens\n"
+         "    return torch.cat([torch.full(sizes, attend, dtype=m.dtype, device=m.device), m], -1)\n";
+}
+
+/// Prefix tuning on every attention of an Injection.
+class Tuner : public jit::Tuner {
+ public:
+  Tuner(jit::Injection& injection, const PrefixTuningConfig& config) {
+    const int64_t P = config.num_virtual_tokens();
+    check<OptionError>(P >= 1, "PrefixTuningConfig.num_virtual_tokens must be >= 1, got {}", P);
+    injection.inline_all();
+    auto sites = jit::find_attention_sites(injection.graph(), injection.model());
+    check<ModelError>(!sites.empty(),
+                      "PrefixTuningConfig: no attention found (softmax(q·kᵀ ...)·v with the head split visible); see "
+                      "docs/export-conventions.md");
+    auto [kv_heads, head_dim] = head_layout(sites, config);
+    const int64_t layers = static_cast<int64_t>(sites.size());
+    auto like = (*injection.model().parameters().begin()).options();
+    const int64_t width = 2 * kv_heads * head_dim;
+    const std::vector<std::string> mlp{"embedding", "transform_0_weight", "transform_0_bias", "transform_2_weight",
+                                       "transform_2_bias"};
+    std::vector<std::pair<std::string, torch::Tensor>> params;
+    if (config.prefix_projection()) {
+      const int64_t token_dim = config.token_dim() > 0 ? config.token_dim() : kv_heads * head_dim;
+      PrefixEncoder encoder(P, token_dim, config.encoder_hidden_size(), layers * width);
+      encoder->to(like.device(), like.dtype().toScalarType());
+      auto linear = [&](size_t i) { return encoder->transform[i]->as<torch::nn::Linear>(); };
+      params = {{mlp[0], encoder->embedding->weight.detach()}, {mlp[1], linear(0)->weight.detach()},
+                {mlp[2], linear(0)->bias.detach()},            {mlp[3], linear(2)->weight.detach()},
+                {mlp[4], linear(2)->bias.detach()},            {"prefix", torch::empty({0}, like)}};
+    } else {
+      params = {{"prefix", torch::randn({layers, 2, kv_heads, P, head_dim}, like)}};  // HF: N(0, 1)
+      for (const auto& name : mlp) params.emplace_back(name, torch::empty({0}, like));
+    }
+    injection.add_layer("prefix", "PrefixEncoder", params,
+                        {{"num_virtual_tokens", P}, {"num_layers", layers}, {"kv_heads", kv_heads},
+                         {"head_dim", head_dim}, {"use_projection", config.prefix_projection()}},
+                        layer_source());
+    layer_ = injection.layers().back();
+    for (const auto& [name, tensor] : params)  // only what the chosen mode uses trains
+      if (tensor.numel() == 0) tensor.set_requires_grad(false);
+    for (size_t i = 0; i < sites.size(); ++i) attach(injection, sites[i], static_cast<int64_t>(i));
+  }
+
+  std::string method() const override { return "PrefixTuning"; }
+
+  /// Replaces the reparametrisation MLP by the prefixes it produces now, for
+  /// saving and inference; the MLP's tensors are emptied. A no-op without one.
+  void fold_projection() override {
+    torch::jit::Module m = layer_.module;
+    if (!m.attr("use_projection").toBool()) return;
+    torch::Tensor folded;
+    {
+      torch::NoGradGuard no_grad;
+      folded = m.run_method("prefixes").toTensor().contiguous().clone();
+    }
+    m.setattr("prefix", folded.requires_grad_(true));
+    m.setattr("use_projection", false);
+    for (const char* name : {"embedding", "transform_0_weight", "transform_0_bias", "transform_2_weight", "transform_2_bias"})
+      m.setattr(name, torch::empty({0}, folded.options()).requires_grad_(false));
+  }
+
+ private:
+  static std::pair<int64_t, int64_t> head_layout(const std::vector<jit::AttentionSite>& sites,
+                                                 const PrefixTuningConfig& config) {
+    int64_t heads = config.num_key_value_heads(), dim = config.head_dim();
+    for (const auto& s : sites) {
+      if (!heads) heads = s.kv_heads;
+      if (!dim) dim = s.head_dim;
+      check<ModelError>(!s.kv_heads || (s.kv_heads == heads && s.head_dim == dim),
+                        "PrefixTuningConfig: attention layers differ in key/value heads ({} x {} vs {} x {})", s.kv_heads,
+                        s.head_dim, heads, dim);
+    }
+    check<ModelError>(heads > 0 && dim > 0,
+                      "PrefixTuningConfig: the graph does not tell the key/value heads and head width (the head split "
+                      "is not a view with constant sizes); set num_key_value_heads and head_dim");
+    return {heads, dim};
+  }
+
+  /// Joins the prefix to this attention's K and V and extends its masks.
+  void attach(jit::Injection& injection, const jit::AttentionSite& site, int64_t index) {
+    jit::Graph& graph = injection.graph();
+    auto constant = [&](const c10::IValue& v) {
+      torch::jit::WithInsertPoint guard(graph.block()->nodes().front());
+      return graph.insertConstant(v);
+    };
+    jit::Value* i = constant(index);
+    jit::Value* keys = injection.call(layer_, site.key_user, {i, site.key}, /*after=*/false, "keys");
+    site.key_user->replaceInputWith(site.key, keys);
+    jit::Value* values = injection.call(layer_, site.value_user, {i, site.value}, /*after=*/false, "values");
+    site.value_user->replaceInputWith(site.value, values);
+    for (const auto& [node, input, attend] : site.masks) {
+      jit::Value* mask = node->input(input);
+      jit::Value* extended = injection.call(layer_, node, {mask, constant(attend)}, /*after=*/false, "mask");
+      node->replaceInput(input, extended);
+    }
+  }
+
+  jit::AdapterLayer layer_;
+};
+
+}  // namespace prefix
+}  // namespace peft
