@@ -1,6 +1,7 @@
 #pragma once
 /// @file
-/// PeftModel: PEFT on a loaded TorchScript model, with HF peft's API.
+/// PeftModel: PEFT on a loaded TorchScript model, with HF peft's API: named
+/// adapters, merging, disabling, weighted combination, mixed-adapter batches.
 
 #include <peft/adapter/inject.h>
 #include <peft/bitfit/inject.h>
@@ -21,9 +22,24 @@ namespace peft {
 using PeftConfig =
     std::variant<LoraConfig, IA3Config, AdapterConfig, BitFitConfig, PromptTuningConfig, PrefixTuningConfig>;
 
-/// A loaded TorchScript model with one method injected. Only the adapter
-/// parameters (plus modules_to_save and any trained biases) require grad; the
-/// base model object keeps its original code and tensors.
+/// Whether `config` is prompt or prefix tuning (one such adapter per model, alone).
+inline bool is_prompt_learning(const PeftConfig& config) {
+  return std::holds_alternative<PromptTuningConfig>(config) || std::holds_alternative<PrefixTuningConfig>(config);
+}
+
+/// How add_weighted_adapter combines LoRA adapters (HF's combination_type).
+enum class Combination {
+  Linear,  ///< A = Σ√(wᵢsᵢ)Aᵢ, B = Σ√(wᵢsᵢ)Bᵢ (equal ranks), as HF peft
+  Cat,     ///< A = [A₁; A₂; …], B = [w₁s₁B₁, w₂s₂B₂, …]: exactly Σ wᵢ ΔWᵢ, rank Σ rᵢ
+  SVD,     ///< the top-r SVD of Σ wᵢ ΔWᵢ
+};
+
+/// The name that selects no adapter in a mixed-adapter batch.
+inline const std::string kBaseAdapter = "__base__";
+
+/// A loaded TorchScript model with PEFT adapters injected. Only adapter
+/// parameters (plus modules_to_save and any trained biases, as copies)
+/// require grad; the base model object keeps its original code and tensors.
 ///
 /// ```
 /// torch::jit::Module base = torch::jit::load("model.pt");
@@ -36,22 +52,129 @@ using PeftConfig =
 /// ```
 class PeftModel {
  public:
+  /// One named adapter: its config, its layers and its trainable copies.
+  struct Adapter {
+    std::string name;
+    PeftConfig config;
+    std::unique_ptr<jit::Tuner> tuner;
+    std::vector<jit::AdapterLayer> layers;
+    std::vector<jit::TrainableCopy> copies;
+  };
+
   PeftModel(torch::jit::Module base, const PeftConfig& config, const std::string& adapter_name = "default")
-      : base_(std::move(base)), config_(config) {
-    jit::Injection injection(base_, adapter_name);
-    tuner_ = std::visit([&](const auto& cfg) { return make_tuner(injection, cfg); }, config);
-    injection.finish();
-    adapted_ = injection.model();
-    layers_ = injection.layers();
-    copies_ = injection.copies();
+      : base_(std::move(base)), adapted_(jit::Injection::adapted_clone(base_)) {
+    add_adapter(adapter_name, config);
   }
 
-  /// Runs the adapted model (the base model while an adapter is disabled).
+  // ------------------------------------------------------------ adapters
+  /// Adds an adapter (inactive unless it is the first; see set_adapter).
+  void add_adapter(const std::string& name, const PeftConfig& config) {
+    check<OptionError>(find(name) == nullptr, "adapter '{}' already exists", name);
+    check<OptionError>(name != kBaseAdapter && !name.empty() && name.find('.') == std::string::npos,
+                       "adapter name '{}' is reserved or contains '.'", name);
+    check<OptionError>(adapters_.empty() || (!is_prompt_learning(config) && !is_prompt_learning(adapters_[0].config)),
+                       "adapter '{}': prompt and prefix tuning adapters cannot be combined with other adapters", name);
+    check<OptionError>(!merged_, "adapter '{}': unmerge_adapter() before adding adapters", name);
+    adapters_.push_back(inject(name, config));
+    if (adapters_.size() == 1) active_ = {name};
+    apply_active_flags();
+  }
+
+  /// Makes `names` the active adapters; their outputs are summed.
+  void set_adapter(const std::vector<std::string>& names) {
+    check<OptionError>(!names.empty(), "set_adapter: give at least one adapter name");
+    for (const auto& n : names) require(n);
+    check<OptionError>(!merged_, "set_adapter: unmerge_adapter() first");
+    active_ = names;
+    apply_active_flags();
+  }
+  void set_adapter(const std::string& name) { set_adapter(std::vector<std::string>{name}); }
+
+  const std::vector<std::string>& active_adapters() const { return active_; }
+
+  /// Every adapter's name, in the order they were added.
+  std::vector<std::string> adapter_names() const {
+    std::vector<std::string> out;
+    for (const auto& a : adapters_) out.push_back(a.name);
+    return out;
+  }
+
+  /// Removes an adapter: the adapted model is rebuilt from the base with the
+  /// others, which keep their tensors (optimizers holding them stay valid).
+  void delete_adapter(const std::string& name) {
+    require(name);
+    check<OptionError>(adapters_.size() > 1, "delete_adapter: '{}' is the only adapter", name);
+    if (merged_) unmerge_adapter();
+    std::vector<Adapter> old = std::move(adapters_);
+    adapters_.clear();
+    adapted_ = jit::Injection::adapted_clone(base_);
+    for (auto& a : old) {
+      if (a.name == name) continue;
+      Adapter fresh = inject(a.name, loading_config(a.config));
+      take_tensors(a, fresh);
+      adapters_.push_back(std::move(fresh));
+    }
+    active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
+    if (active_.empty()) active_ = {adapters_.front().name};
+    apply_active_flags();
+  }
+
+  /// A new LoRA adapter combining LoRA adapters `names` with `weights`
+  /// (HF's add_weighted_adapter); its scaling is 1 (lora_alpha = r).
+  void add_weighted_adapter(const std::vector<std::string>& names, const std::vector<double>& weights,
+                            const std::string& new_name, Combination combination = Combination::SVD,
+                            int64_t svd_rank = 0);
+
+  const Adapter& adapter(const std::string& name) const { return *require(name); }
+  const std::vector<Adapter>& adapters() const { return adapters_; }
+
+  /// The layers of one adapter, or of all when `name` is empty.
+  std::vector<jit::AdapterLayer> adapter_layers(const std::string& name = "") const {
+    std::vector<jit::AdapterLayer> out;
+    for (const auto& a : adapters_)
+      if (name.empty() || a.name == name) out.insert(out.end(), a.layers.begin(), a.layers.end());
+    return out;
+  }
+
+  // -------------------------------------------------------------- forward
+  /// Runs the adapted model with the active adapters (the base model while disabled).
   torch::jit::IValue forward(std::vector<torch::jit::IValue> inputs) {
     return disabled_ ? base_.forward(std::move(inputs)) : adapted_.forward(std::move(inputs));
   }
 
-  /// What the optimizer should receive.
+  /// A mixed-adapter batch: sample b uses adapter `adapter_names[b]` alone
+  /// (`"__base__"`: none), whatever adapters are active.
+  torch::jit::IValue forward(std::vector<torch::jit::IValue> inputs, const std::vector<std::string>& adapter_names) {
+    check<OptionError>(!merged_ && !disabled_, "mixed-adapter batches need unmerged, enabled adapters");
+    for (const auto& n : adapter_names)
+      if (n != kBaseAdapter) require(n);
+    for (const auto& a : adapters_)
+      check<OptionError>(!is_prompt_learning(a.config), "mixed-adapter batches support LoRA, IA3 and bottleneck adapters");
+    const torch::Tensor like = (*adapted_.parameters().begin());
+    for (const auto& a : adapters_) {
+      std::vector<float> mask;
+      for (const auto& n : adapter_names) mask.push_back(n == a.name ? 1.0f : 0.0f);
+      torch::Tensor m = torch::tensor(mask).to(like.device());
+      for (const auto& l : a.layers) {
+        torch::jit::Module module = l.module;
+        module.setattr("sample_mask", m);
+        module.setattr("use_sample_mask", true);
+        module.setattr("active", true);
+      }
+    }
+    struct Restore {
+      PeftModel* self;
+      ~Restore() {
+        for (const auto& a : self->adapters_)
+          for (const auto& l : a.layers) jit::set_flag(l, "use_sample_mask", false);
+        self->apply_active_flags();
+      }
+    } restore{this};
+    return adapted_.forward(std::move(inputs));
+  }
+
+  // ----------------------------------------------------------- parameters
+  /// What the optimizer should receive: the active adapters' trainable tensors.
   std::vector<torch::Tensor> trainable_parameters() const {
     std::vector<torch::Tensor> out;
     for (const auto& p : named_trainable_parameters()) out.push_back(p.second);
@@ -59,17 +182,20 @@ class PeftModel {
   }
 
   /// Trainable tensors named `<base module path>.<parameter>`, e.g.
-  /// `transformer.h.0.attn.c_attn.lora_A`.
+  /// `transformer.h.0.attn.c_attn.lora_A` (active adapters).
   std::vector<std::pair<std::string, torch::Tensor>> named_trainable_parameters() const {
     std::vector<std::pair<std::string, torch::Tensor>> out;
-    for (const auto& l : layers_)
-      for (const auto& p : l.module.named_parameters(/*recurse=*/false))
-        if (p.value.requires_grad()) out.emplace_back(l.target + "." + p.name, p.value);
-    for (const auto& c : copies_) out.emplace_back(c.module + "." + c.attribute, c.copy);
+    for (const auto& a : adapters_) {
+      if (std::find(active_.begin(), active_.end(), a.name) == active_.end()) continue;
+      for (const auto& l : a.layers)
+        for (const auto& p : l.module.named_parameters(/*recurse=*/false))
+          if (p.value.requires_grad()) out.emplace_back(l.target + "." + p.name, p.value);
+      for (const auto& c : a.copies) out.emplace_back(c.module + "." + c.attribute, c.copy);
+    }
     return out;
   }
 
-  /// Trainable and total parameter counts (total = base + adapter).
+  /// Trainable and total parameter counts (total = base + every adapter).
   ParameterCount count_parameters() const {
     ParameterCount count;
     std::unordered_set<const void*> seen;  // tied weights (GPT-2's wte/lm_head) count once
@@ -82,6 +208,7 @@ class PeftModel {
   /// Prints "trainable params: X || all params: Y || trainable%: Z".
   void print_trainable_parameters() const { fmt::print("{}\n", format_trainable_parameters(count_parameters())); }
 
+  // ------------------------------------------------------ disable / merge
   /// Scope guard returned by disable_adapter().
   class DisabledScope {
    public:
@@ -108,39 +235,48 @@ class PeftModel {
   /// Base behaviour until the returned guard goes out of scope (HF's `with model.disable_adapter():`).
   [[nodiscard]] DisabledScope disable_adapter() { return DisabledScope(*this); }
 
-  /// Folds the adapter into the base weights (forward then costs what the base costs).
+  /// Folds the active adapters into the base weights (forward then costs what the base costs).
   void merge_adapter() {
-    check<ModelError>(tuner_->mergeable(), "{} cannot be merged into the base weights", tuner_->method());
-    tuner_->merge();
+    for (const auto& name : active_) {
+      const Adapter& a = *require(name);
+      check<ModelError>(a.tuner->mergeable(), "adapter '{}': {} cannot be merged into the base weights", a.name,
+                        a.tuner->method());
+    }
+    for (const auto& name : active_) find(name)->tuner->merge();
     merged_ = true;
   }
 
   /// Undoes merge_adapter(), restoring the base weights (up to fp rounding).
   void unmerge_adapter() {
-    tuner_->unmerge();
+    for (auto& a : adapters_) a.tuner->unmerge();
     merged_ = false;
   }
 
-  /// Merges the adapter into the base model's weights (and the trained copies
-  /// into its tensors) and returns the base model: a plain module with its
-  /// original code. This PeftModel stays merged.
+  /// Merges the active adapters into the base model's weights (and their
+  /// trained copies into its tensors) and returns the base model: a plain
+  /// module with its original code. This PeftModel stays merged.
   torch::jit::Module merge_and_unload() {
     merge_adapter();
     torch::NoGradGuard no_grad;
-    for (auto& c : copies_) c.original.copy_(c.copy);
+    for (const auto& name : active_)
+      for (auto& c : find(name)->copies) c.original.copy_(c.copy);
     return base_;
   }
 
   /// Prefix tuning: replaces the reparametrisation MLP by the prefixes it
   /// produces now (for saving and inference). A no-op for other methods.
-  void fold_projection() { tuner_->fold_projection(); }
+  void fold_projection() {
+    for (auto& a : adapters_) a.tuner->fold_projection();
+  }
 
   /// The adapted TorchScript module: save() it to get a model that loads in plain PyTorch.
   torch::jit::Module& module() { return adapted_; }
   /// The base model (original code; shares the frozen tensors).
   const torch::jit::Module& base_model() const { return base_; }
-  const PeftConfig& config() const { return config_; }
-  const std::vector<jit::AdapterLayer>& adapter_layers() const { return layers_; }
+  /// The config of adapter `name` (default: the first).
+  const PeftConfig& config(const std::string& name = "") const {
+    return name.empty() ? adapters_.front().config : require(name)->config;
+  }
   bool merged() const { return merged_; }
 
   void train(bool on = true) {
@@ -150,6 +286,58 @@ class PeftModel {
   void eval() { train(false); }
 
  private:
+  Adapter* find(const std::string& name) {
+    for (auto& a : adapters_)
+      if (a.name == name) return &a;
+    return nullptr;
+  }
+  const Adapter* find(const std::string& name) const { return const_cast<PeftModel*>(this)->find(name); }
+  const Adapter* require(const std::string& name) const {
+    const Adapter* a = find(name);
+    if (!a) throw OptionError("no adapter named '" + name + "'; adapters: " + join_names(adapter_names()));
+    return a;
+  }
+
+  Adapter inject(const std::string& name, const PeftConfig& config) {
+    jit::Injection injection(adapted_, name);
+    auto tuner = std::visit([&](const auto& cfg) { return make_tuner(injection, cfg); }, config);
+    injection.finish();
+    for (const auto& c : injection.copies())
+      for (const auto& other : adapters_)
+        for (const auto& o : other.copies)
+          check<OptionError>(o.module != c.module || o.attribute != c.attribute,
+                             "adapter '{}' trains {}.{}, which adapter '{}' already trains", name, c.module, c.attribute,
+                             other.name);
+    return {name, config, std::move(tuner), injection.layers(), injection.copies()};
+  }
+
+  /// The config to re-create an adapter whose tensors will be restored: no
+  /// initialisation that changes the base (PiSSA) or draws random numbers.
+  static PeftConfig loading_config(const PeftConfig& config) {
+    if (const auto* lora = std::get_if<LoraConfig>(&config)) return LoraConfig(*lora).init_lora_weights(LoraInit::Zero);
+    return config;
+  }
+
+  /// Moves `from`'s tensors into the freshly injected `to` (same layers and copies).
+  void take_tensors(const Adapter& from, Adapter& to) {
+    for (size_t i = 0; i < to.layers.size(); ++i) {
+      torch::jit::Module module = to.layers[i].module;
+      for (const auto& p : from.layers.at(i).module.named_attributes(/*recurse=*/false))
+        if (p.value.isTensor() || p.value.isBool()) module.setattr(p.name, p.value);
+    }
+    for (size_t i = 0; i < to.copies.size(); ++i) {
+      jit::submodule(adapted_, to.copies[i].module).setattr(to.copies[i].attribute, from.copies.at(i).copy);
+      to.copies[i].copy = from.copies.at(i).copy;
+    }
+  }
+
+  void apply_active_flags() {
+    for (const auto& a : adapters_) {
+      const bool on = std::find(active_.begin(), active_.end(), a.name) != active_.end();
+      for (const auto& l : a.layers) jit::set_flag(l, "active", on);
+    }
+  }
+
   static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const LoraConfig& c) {
     return std::make_unique<lora::Tuner>(i, c);
   }
@@ -170,12 +358,72 @@ class PeftModel {
   }
 
   torch::jit::Module base_, adapted_;
-  PeftConfig config_;
-  std::unique_ptr<jit::Tuner> tuner_;
-  std::vector<jit::AdapterLayer> layers_;
-  std::vector<jit::TrainableCopy> copies_;
+  std::vector<Adapter> adapters_;
+  std::vector<std::string> active_;
   bool disabled_ = false, merged_ = false;
 };
+
+inline void PeftModel::add_weighted_adapter(const std::vector<std::string>& names, const std::vector<double>& weights,
+                                            const std::string& new_name, Combination combination, int64_t svd_rank) {
+  check<OptionError>(!names.empty() && names.size() == weights.size(),
+                     "add_weighted_adapter: {} adapters but {} weights", names.size(), weights.size());
+  // Every (adapter, layer) that contributes, by target module.
+  struct Part {
+    torch::Tensor A, B;
+    double scale;  // wᵢ · sᵢ
+  };
+  std::map<std::string, std::vector<Part>> parts;
+  int64_t rank_sum = 0, rank_max = 0, rank_first = -1;
+  for (size_t i = 0; i < names.size(); ++i) {
+    const Adapter& a = *require(names[i]);
+    const auto* cfg = std::get_if<LoraConfig>(&a.config);
+    check<OptionError>(cfg && !cfg->use_dora() && cfg->slice_pattern().empty(),
+                       "add_weighted_adapter: '{}' is not a plain LoRA adapter (DoRA and per-slice LoRA are not combined)",
+                       a.name);
+    for (const auto& l : a.layers) {
+      torch::Tensor A = l.module.attr("lora_A").toTensor().detach(), B = l.module.attr("lora_B").toTensor().detach();
+      parts[l.target].push_back({A, B, weights[i] * l.module.attr("scaling").toDouble()});
+      rank_max = std::max(rank_max, A.size(0));
+      if (rank_first < 0) rank_first = A.size(0);
+      check<OptionError>(combination != Combination::Linear || A.size(0) == rank_first,
+                         "add_weighted_adapter: Combination::Linear needs equal ranks ('{}' has {} at {}, expected {})",
+                         a.name, A.size(0), l.target, rank_first);
+    }
+    rank_sum += cfg->r();
+  }
+  const int64_t r = combination == Combination::Cat ? rank_sum
+                    : combination == Combination::SVD ? (svd_rank > 0 ? svd_rank : rank_max)
+                                                      : rank_first;
+  std::vector<std::string> targets;
+  for (const auto& entry : parts) targets.push_back(entry.first);
+  add_adapter(new_name, LoraConfig().r(r).lora_alpha(static_cast<double>(r)).target_modules(targets)
+                            .init_lora_weights(LoraInit::Zero));
+  torch::NoGradGuard no_grad;
+  for (const auto& l : find(new_name)->layers) {
+    const auto& ps = parts.at(l.target);
+    torch::Tensor A = l.module.attr("lora_A").toTensor(), B = l.module.attr("lora_B").toTensor();
+    if (combination == Combination::Linear) {
+      for (const auto& p : ps) {
+        A.add_(p.A * std::sqrt(std::abs(p.scale)) * (p.scale < 0 ? -1.0 : 1.0));
+        B.add_(p.B * std::sqrt(std::abs(p.scale)));
+      }
+    } else if (combination == Combination::Cat) {
+      std::vector<torch::Tensor> As, Bs;
+      for (const auto& p : ps) As.push_back(p.A), Bs.push_back(p.B * p.scale);
+      torch::Tensor catA = torch::cat(As, 0), catB = torch::cat(Bs, 1);
+      A.narrow(0, 0, catA.size(0)).copy_(catA);  // adapters missing here leave zero rows
+      B.narrow(1, 0, catB.size(1)).copy_(catB);
+    } else {
+      torch::Tensor delta = torch::zeros({B.size(0), A.size(1)}, A.options());
+      for (const auto& p : ps) delta += p.scale * torch::matmul(p.B, p.A);
+      torch::Tensor U, S, Vh;
+      std::tie(U, S, Vh) = torch::linalg::svd(delta, /*full_matrices=*/false, c10::nullopt);
+      const int64_t k = std::min<int64_t>(r, S.size(0));
+      B.narrow(1, 0, k).copy_(U.narrow(1, 0, k) * S.narrow(0, 0, k).unsqueeze(0));
+      A.narrow(0, 0, k).copy_(Vh.narrow(0, 0, k));
+    }
+  }
+}
 
 /// Injects the method of `config` into a loaded TorchScript model (HF's get_peft_model).
 inline PeftModel get_peft_model(torch::jit::Module base, const PeftConfig& config,

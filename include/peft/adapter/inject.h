@@ -52,7 +52,10 @@ inline std::string layer_source(AdapterActivation activation) {
                      "    z = ") +
          act +
          "\n"
-         "    return h + torch.linear(z, self.adapter_up_weight, self.adapter_up_bias)\n";
+         "    z = torch.linear(z, self.adapter_up_weight, self.adapter_up_bias)\n"
+         "    if self.use_sample_mask:\n"
+         "        z = z * self.mask_like(z)\n"
+         "    return h + z\n";
 }
 
 /// Output width of the value `v` when it comes (through shape-keeping ops such
@@ -101,7 +104,9 @@ class Tuner : public jit::Tuner {
  private:
   /// The submodules forward calls, found on a scratch copy of the graph.
   void collect_calls(jit::Injection& injection, std::vector<std::string>& called) {
-    jit::inlined_copy(injection.graph(), [&](jit::Node*, const std::string& path) { called.push_back(path); });
+    jit::inlined_copy(
+        injection.graph(), [&](jit::Node*, const std::string& path) { called.push_back(path); },
+        jit::Injection::is_adapter_call);
   }
 
   /// Adds the layer (sized later) and routes the call's output through it.

@@ -34,17 +34,18 @@ struct IA3Config {
 
 namespace ia3 {
 
-/// TorchScript source of one IA3 layer (functional::ia3).
+/// TorchScript source of one IA3 layer (functional::ia3). With a per-sample
+/// mask, masked-out samples keep their input exactly.
 inline std::string layer_source(bool feedforward) {
-  if (feedforward)
-    return "def forward(self, x: Tensor) -> Tensor:\n"
-           "    if self.merged or not self.active:\n"
-           "        return x\n"
-           "    return x * self.ia3_l\n";
-  return "def forward(self, x: Tensor, y: Tensor) -> Tensor:\n"
+  const std::string v = feedforward ? "x" : "y";
+  return std::string(feedforward ? "def forward(self, x: Tensor) -> Tensor:\n"
+                                 : "def forward(self, x: Tensor, y: Tensor) -> Tensor:\n") +
          "    if self.merged or not self.active:\n"
-         "        return y\n"
-         "    return y * self.ia3_l\n";
+         "        return " + v + "\n"
+         "    scaled = " + v + " * self.ia3_l\n"
+         "    if self.use_sample_mask:\n"
+         "        return torch.where(self.mask_like(scaled) > 0.5, scaled, " + v + ")\n"
+         "    return scaled\n";
 }
 
 /// IA3 on the targeted linear layers of an Injection.
@@ -81,7 +82,7 @@ class Tuner : public jit::Tuner {
     torch::Tensor W = jit::base_tensor(model_, target, "weight");
     torch::Tensor l = torch::ones({ff ? site.in_features : site.out_features}, W.options());
     if (!neutral) l = l + 0.02 * torch::randn_like(l);
-    injection.add_layer(target, "IA3Layer", {{"ia3_l", l}}, {}, layer_source(ff));
+    injection.add_layer(target, "IA3Layer", {{"ia3_l", l}}, {{"feedforward", ff}}, layer_source(ff));
     const jit::AdapterLayer& layer = injection.layers().back();
     for (const auto& use : uses) {
       if (ff) {

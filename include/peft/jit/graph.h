@@ -61,13 +61,13 @@ using CallHook = std::function<void(Node* call, const std::string& callee_path)>
 
 /// Inlines every function and method call of `graph`, outermost first, so that
 /// each prim::CallMethod is seen by `on_call` while the module boundary is still
-/// visible. Nodes in `keep` (adapter calls) are left as calls.
-inline void inline_calls(Graph& graph, const CallHook& on_call, const std::unordered_set<Node*>& keep) {
+/// visible. Calls for which `keep` is true (adapter calls) are left as calls.
+inline void inline_calls(Graph& graph, const CallHook& on_call, const std::function<bool(Node*)>& keep = nullptr) {
   for (bool changed = true; changed;) {
     changed = false;
     std::vector<Node*> calls;
     for_each_node(graph.block(), [&](Node* n) {
-      if ((n->kind() == c10::prim::CallMethod || n->kind() == c10::prim::CallFunction) && !keep.count(n))
+      if ((n->kind() == c10::prim::CallMethod || n->kind() == c10::prim::CallFunction) && !(keep && keep(n)))
         calls.push_back(n);
     });
     for (Node* call : calls) {
@@ -93,9 +93,10 @@ inline void simplify(std::shared_ptr<Graph> graph) {
 
 /// A fully inlined and simplified copy of `graph`, for analysis; `on_call`
 /// sees each submodule call first.
-inline std::shared_ptr<Graph> inlined_copy(Graph& graph, const CallHook& on_call = nullptr) {
+inline std::shared_ptr<Graph> inlined_copy(Graph& graph, const CallHook& on_call = nullptr,
+                                           const std::function<bool(Node*)>& keep = nullptr) {
   std::shared_ptr<Graph> copy = graph.copy();
-  inline_calls(*copy, on_call, {});
+  inline_calls(*copy, on_call, keep);
   simplify(copy);
   return copy;
 }

@@ -42,19 +42,42 @@ struct TrainableCopy {
 class Injection {
  public:
   static constexpr const char* kContainer = "peft_adapters";
+  /// Shapes the per-sample mask [B] to broadcast over a [B, ...] tensor.
+  static constexpr const char* kMaskLike =
+      "def mask_like(self, t: Tensor) -> Tensor:\n"
+      "    m = self.sample_mask.to(t.dtype)\n"
+      "    for _ in range(t.dim() - 1):\n"
+      "        m = m.unsqueeze(-1)\n"
+      "    return m\n";
 
-  Injection(const torch::jit::Module& base, const std::string& adapter_name) : adapter_name_(adapter_name) {
+  /// The adapted model before any adapter: a clone of `base` sharing its
+  /// (now frozen) tensors, with an empty adapter container on its root.
+  static torch::jit::Module adapted_clone(const torch::jit::Module& base) {
     check<ModelError>(base.find_method("forward").has_value(), "the model has no forward method");
     check<ModelError>(base.parameters().size() > 0,
                       "the model has no parameters: a frozen or optimised export (torch.jit.freeze) keeps its "
                       "weights as constants and cannot be adapted; export the unfrozen module");
     for (auto p : base.parameters()) p.set_requires_grad(false);
-    model_ = base.clone(/*inplace=*/true);
-    container_ = new_module(model_, "Adapters");
-    model_.register_module(kContainer, container_);
+    torch::jit::Module model = base.clone(/*inplace=*/true);
+    model.register_module(kContainer, new_module(model, "Adapters"));
+    return model;
+  }
+
+  /// Adds adapter `adapter_name` to a model made by adapted_clone().
+  Injection(torch::jit::Module model, const std::string& adapter_name)
+      : adapter_name_(adapter_name), model_(std::move(model)) {
+    container_ = model_.attr(kContainer).toModule();
+    check<OptionError>(!container_.hasattr(adapter_name), "adapter '{}' already exists", adapter_name);
     adapters_ = new_module(model_, "Adapter_" + adapter_name);
     container_.register_module(adapter_name, adapters_);
     graph_ = method_graph(model_, "forward");
+  }
+
+  /// Whether `call` runs an adapter layer (of this or an earlier adapter).
+  static bool is_adapter_call(Node* call) {
+    if (call->kind() != c10::prim::CallMethod) return false;
+    auto path = module_path(call->input(0));
+    return path && path->rfind(kContainer, 0) == 0;
   }
 
   torch::jit::Module& model() { return model_; }
@@ -65,7 +88,7 @@ class Injection {
 
   /// Inlines forward completely; `on_call` sees each submodule call first.
   void inline_all(const CallHook& on_call = nullptr) {
-    inline_calls(*graph_, on_call, calls_);
+    inline_calls(*graph_, on_call, is_adapter_call);
     simplify(graph_);
   }
 
@@ -81,7 +104,10 @@ class Injection {
     for (const auto& [name, value] : attributes) layer.register_attribute(name, value.type(), value);
     layer.register_attribute("active", c10::BoolType::get(), true);
     layer.register_attribute("merged", c10::BoolType::get(), false);
-    layer.define(source);
+    // Mixed-adapter batches: a per-sample 0/1 mask, set around one forward.
+    layer.register_attribute("use_sample_mask", c10::BoolType::get(), false);
+    layer.register_attribute("sample_mask", c10::TensorType::get(), torch::empty({0}));
+    layer.define(source + kMaskLike);
     std::string key = layer_key(target);
     adapters_.register_module(key, layer);
     layers_.push_back({target, key, layer});
@@ -91,9 +117,7 @@ class Injection {
   /// Inserts `layer.<method>(args...)` after (or before) `anchor`; returns its output.
   Value* call(const AdapterLayer& layer, Node* anchor, const std::vector<Value*>& args, bool after,
               const std::string& method = "forward") {
-    Node* n = insert_method_call(anchor, {kContainer, adapter_name_, layer.key}, layer.module, method, args, after);
-    calls_.insert(n);
-    return n->output();
+    return insert_method_call(anchor, {kContainer, adapter_name_, layer.key}, layer.module, method, args, after)->output();
   }
 
   /// A `None` constant at the top of the graph, for optional arguments.
@@ -156,7 +180,6 @@ class Injection {
   std::shared_ptr<Graph> graph_;
   std::vector<AdapterLayer> layers_;
   std::vector<TrainableCopy> copies_;
-  std::unordered_set<Node*> calls_;
   Value* none_ = nullptr;
 };
 

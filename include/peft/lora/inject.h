@@ -18,10 +18,11 @@ namespace lora {
 /// TorchScript source of one LoRA layer. It computes what
 /// peft::functional::lora_branch / dora compute (tests compare the two).
 inline std::string layer_source(const LoraOptions& o, bool fan_in_fan_out) {
-  std::string branch;
+  std::string body;  // sets `out`, the update added to y
   const auto& slices = o.enable_slices();
+  const std::string branch_of_h = "torch.matmul(torch.matmul(h, self.lora_A.t()), self.lora_B.t())";
   if (slices.empty()) {
-    branch = "torch.matmul(torch.matmul(h, self.lora_A.t()), self.lora_B.t())";
+    body = "    branch = " + branch_of_h + " * self.scaling\n";
   } else {
     const auto k = std::count(slices.begin(), slices.end(), true);
     std::string parts;
@@ -30,34 +31,35 @@ inline std::string layer_source(const LoraOptions& o, bool fan_in_fan_out) {
       parts += parts.empty() ? "" : ", ";
       parts += on ? fmt::format("torch.matmul(a[{0}], b[{0}].t())", next++) : "torch.zeros_like(p0)";
     }
-    branch = fmt::format("torch.cat([{}], -1)", parts);
-    branch = fmt::format(
-        "a = torch.matmul(h, self.lora_A.t()).chunk({0}, -1)\n"
+    body = fmt::format(
+        "    a = torch.matmul(h, self.lora_A.t()).chunk({0}, -1)\n"
         "    b = self.lora_B.chunk({0}, 0)\n"
         "    p0 = torch.matmul(a[0], b[0].t())\n"
-        "    return y + {1} * self.scaling",
-        k, branch);
+        "    branch = torch.cat([{1}], -1) * self.scaling\n",
+        k, parts);
   }
-  const std::string head =
-      "    if self.merged or not self.active:\n"
-      "        return y\n"
-      "    h = torch.dropout(x, self.lora_dropout, self.training)\n";
-  if (!o.use_dora()) {
-    if (!slices.empty()) return "def forward(self, x: Tensor, y: Tensor) -> Tensor:\n" + head + "    " + branch + "\n";
-    return "def forward(self, x: Tensor, y: Tensor) -> Tensor:\n" + head + "    return y + " + branch +
-           " * self.scaling\n";
+  std::string signature = "def forward(self, x: Tensor, y: Tensor) -> Tensor:\n";
+  if (o.use_dora()) {
+    // DoRA, as functional::dora: (m/‖W+sBA‖ − 1)·(xWᵀ) + m/‖W+sBA‖ · s·BA·h, norm detached.
+    signature = "def forward(self, x: Tensor, y: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:\n";
+    body += fmt::format("    w = weight{}\n", fan_in_fan_out ? ".t()" : "") +
+            "    norm = (w + torch.matmul(self.lora_B, self.lora_A) * self.scaling).norm(2, [1]).detach()\n"
+            "    scale = self.lora_magnitude_vector / norm\n"
+            "    base = y\n"
+            "    if self.training and self.lora_dropout > 0.0:\n"
+            "        base = torch.matmul(h, w.t())\n"
+            "    elif bias is not None:\n"
+            "        base = y - bias\n"
+            "    branch = (scale - 1) * base + scale * branch\n";
   }
-  // DoRA, as functional::dora: y + (m/‖W+sBA‖ − 1)·(xWᵀ) + m/‖W+sBA‖ · s·BA·h, norm detached.
-  return "def forward(self, x: Tensor, y: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:\n" + head +
-         fmt::format("    w = weight{}\n", fan_in_fan_out ? ".t()" : "") +
-         "    norm = (w + torch.matmul(self.lora_B, self.lora_A) * self.scaling).norm(2, [1]).detach()\n"
-         "    scale = self.lora_magnitude_vector / norm\n"
-         "    base = y\n"
-         "    if self.training and self.lora_dropout > 0.0:\n"
-         "        base = torch.matmul(h, w.t())\n"
-         "    elif bias is not None:\n"
-         "        base = y - bias\n"
-         "    return y + (scale - 1) * base + scale * (" + branch + " * self.scaling)\n";
+  return signature +
+         "    if self.merged or not self.active:\n"
+         "        return y\n"
+         "    h = torch.dropout(x, self.lora_dropout, self.training)\n" +
+         body +
+         "    if self.use_sample_mask:\n"
+         "        branch = branch * self.mask_like(branch)\n"
+         "    return y + branch\n";
 }
 
 /// One injected LoRA layer and what merging needs.

@@ -31,11 +31,17 @@ namespace prompt {
 
 inline std::string layer_source() {
   return "def forward(self, h: Tensor) -> Tensor:\n"
+         "    if not self.active:\n"
+         "        return h\n"
          "    p = self.prompt_embeddings.to(h.dtype).unsqueeze(0).expand(h.size(0), -1, -1)\n"
          "    return torch.cat([p, h], 1)\n"
          "def drop(self, h: Tensor) -> Tensor:\n"
+         "    if not self.active:\n"
+         "        return h\n"
          "    return h.narrow(1, self.num_virtual_tokens, h.size(1) - self.num_virtual_tokens)\n"
          "def mask(self, m: Tensor) -> Tensor:\n"
+         "    if not self.active:\n"
+         "        return m\n"
          "    ones = torch.ones([m.size(0), self.num_virtual_tokens], dtype=m.dtype, device=m.device)\n"
          "    return torch.cat([ones, m], 1)\n";
 }
@@ -88,13 +94,13 @@ class Tuner : public jit::Tuner {
       if (!jit::is_stack_block(injection.model(), path)) return;
       const std::string parent = path.substr(0, path.rfind('.'));
       if (blocks.empty() || blocks.front().substr(0, blocks.front().rfind('.')) == parent) blocks.push_back(path);
-    });
+    }, jit::Injection::is_adapter_call);
     return blocks;
   }
 
   /// The embedding table applied to the first graph input (the token ids).
   static torch::Tensor input_embedding(jit::Injection& injection) {
-    auto scratch = jit::inlined_copy(injection.graph());
+    auto scratch = jit::inlined_copy(injection.graph(), nullptr, jit::Injection::is_adapter_call);
     jit::Value* ids = scratch->inputs().at(1);
     torch::Tensor table;
     jit::for_each_node(scratch->block(), [&](jit::Node* n) {

@@ -1,0 +1,203 @@
+#pragma once
+/// @file
+/// safetensors, read and written without dependencies beyond nlohmann-json:
+/// 8-byte little-endian header length, a JSON header (dtype, shape,
+/// data_offsets per tensor, optional __metadata__), then the data. The reader
+/// trusts nothing; every violation is a FileError naming the file and tensor.
+
+#include <peft/core/error.h>
+#include <peft/io/atomic_file.h>
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <set>
+#include <string>
+
+namespace peft {
+namespace io {
+
+/// Tensors by name plus the string metadata of a safetensors file.
+struct TensorFile {
+  std::map<std::string, torch::Tensor> tensors;
+  std::map<std::string, std::string> metadata;
+};
+
+namespace detail {
+
+struct DtypeInfo {
+  const char* name;
+  c10::ScalarType type;
+  int64_t size;
+};
+
+inline const std::vector<DtypeInfo>& dtypes() {
+  static const std::vector<DtypeInfo> table{
+      {"F64", torch::kFloat64, 8}, {"F32", torch::kFloat32, 4}, {"F16", torch::kFloat16, 2}, {"BF16", torch::kBFloat16, 2},
+      {"I64", torch::kInt64, 8},   {"I32", torch::kInt32, 4},   {"I16", torch::kInt16, 2},   {"I8", torch::kInt8, 1},
+      {"U8", torch::kUInt8, 1},    {"BOOL", torch::kBool, 1}};
+  return table;
+}
+
+inline const DtypeInfo* dtype_by_name(const std::string& name) {
+  for (const auto& d : dtypes())
+    if (name == d.name) return &d;
+  return nullptr;
+}
+
+inline const DtypeInfo& dtype_of(c10::ScalarType type, const std::string& tensor) {
+  for (const auto& d : dtypes())
+    if (d.type == type) return d;
+  throw FileError("safetensors: tensor '" + tensor + "' has dtype " + c10::toString(type) + ", which the format lacks");
+}
+
+inline bool little_endian() {
+  const uint16_t probe = 1;
+  unsigned char first;
+  std::memcpy(&first, &probe, 1);
+  return first == 1;
+}
+
+/// The largest header the reader accepts (the reference implementation's limit).
+constexpr uint64_t kMaxHeader = 100'000'000;
+
+}  // namespace detail
+
+/// Serialises tensors (moved to CPU, made contiguous) in safetensors format.
+/// Data are laid out by element size (largest first), then name, like the
+/// reference writer, so every tensor is aligned; the header is padded to 8 bytes.
+inline std::string to_safetensors(const std::map<std::string, torch::Tensor>& tensors,
+                                  const std::map<std::string, std::string>& metadata = {{"format", "pt"}}) {
+  check<FileError>(detail::little_endian(), "safetensors: big-endian hosts are not supported");
+  std::vector<std::pair<std::string, torch::Tensor>> order;
+  for (const auto& [name, t] : tensors) {
+    check<FileError>(t.defined(), "safetensors: tensor '{}' is undefined", name);
+    order.emplace_back(name, t.detach().to(torch::kCPU).contiguous());
+  }
+  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
+    return a.second.element_size() > b.second.element_size();
+  });
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const auto& [name, t] : order) {
+    const uint64_t bytes = static_cast<uint64_t>(t.numel()) * static_cast<uint64_t>(t.element_size());
+    header[name] = {{"dtype", detail::dtype_of(t.scalar_type(), name).name},
+                    {"shape", t.sizes().vec()},
+                    {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string json = header.dump();
+  json.append((8 - json.size() % 8) % 8, ' ');
+  const uint64_t n = json.size();
+  std::string out(8, '\0');
+  std::memcpy(out.data(), &n, 8);
+  out += json;
+  out.reserve(out.size() + offset);
+  for (const auto& [name, t] : order)
+    out.append(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.numel() * t.element_size()));
+  return out;
+}
+
+/// Parses safetensors bytes; `source` names the file in errors.
+inline TensorFile from_safetensors(const std::string& bytes, const std::string& source) {
+  check<FileError>(detail::little_endian(), "safetensors: big-endian hosts are not supported");
+  check<FileError>(bytes.size() >= 8, "'{}': {} bytes is too short for a safetensors file (8-byte header length)", source,
+                   bytes.size());
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, bytes.data(), 8);
+  check<FileError>(header_len <= bytes.size() - 8 && header_len <= detail::kMaxHeader,
+                   "'{}': header length {} exceeds the file ({} bytes) or the {}-byte limit", source, header_len,
+                   bytes.size(), detail::kMaxHeader);
+  std::set<std::string> keys;
+  std::string duplicate;
+  auto reject_duplicates = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    if (event == nlohmann::json::parse_event_t::key && depth == 1 && !keys.insert(parsed.get<std::string>()).second)
+      duplicate = parsed.get<std::string>();
+    return true;
+  };
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_len),
+                                   reject_duplicates);
+  } catch (const nlohmann::json::exception& e) {
+    throw FileError("'" + source + "': the safetensors header is not valid JSON: " + e.what());
+  }
+  check<FileError>(duplicate.empty(), "'{}': tensor '{}' appears twice in the header", source, duplicate);
+  check<FileError>(header.is_object(), "'{}': the safetensors header is not a JSON object", source);
+
+  const uint64_t data_size = bytes.size() - 8 - header_len;
+  const char* data = bytes.data() + 8 + header_len;
+  TensorFile file;
+  std::vector<std::pair<uint64_t, uint64_t>> spans;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") {
+      check<FileError>(entry.is_object(), "'{}': __metadata__ must map strings to strings", source);
+      for (const auto& [k, v] : entry.items()) {
+        check<FileError>(v.is_string(), "'{}': __metadata__ value of '{}' is not a string", source, k);
+        file.metadata[k] = v.get<std::string>();
+      }
+      continue;
+    }
+    check<FileError>(entry.is_object() && entry.contains("dtype") && entry.contains("shape") &&
+                         entry.contains("data_offsets"),
+                     "'{}': tensor '{}' needs dtype, shape and data_offsets", source, name);
+    const auto& dtype = entry["dtype"];
+    const detail::DtypeInfo* info = dtype.is_string() ? detail::dtype_by_name(dtype.get<std::string>()) : nullptr;
+    check<FileError>(info != nullptr, "'{}': tensor '{}' has unknown dtype {}", source, name, dtype.dump());
+    const auto& shape = entry["shape"];
+    check<FileError>(shape.is_array(), "'{}': tensor '{}' shape is not a list", source, name);
+    std::vector<int64_t> sizes;
+    uint64_t numel = 1;
+    for (const auto& d : shape) {
+      check<FileError>(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0),
+                       "'{}': tensor '{}' has a bad dimension {}", source, name, d.dump());
+      const uint64_t dim = d.get<uint64_t>();
+      check<FileError>(dim == 0 || numel <= std::numeric_limits<uint64_t>::max() / dim / 8,
+                       "'{}': tensor '{}' shape overflows", source, name);
+      numel *= dim;
+      sizes.push_back(static_cast<int64_t>(dim));
+    }
+    const auto& offsets = entry["data_offsets"];
+    check<FileError>(offsets.is_array() && offsets.size() == 2 && offsets[0].is_number_unsigned() &&
+                         offsets[1].is_number_unsigned(),
+                     "'{}': tensor '{}' data_offsets must be two non-negative integers", source, name);
+    const uint64_t begin = offsets[0].get<uint64_t>(), end = offsets[1].get<uint64_t>();
+    check<FileError>(begin <= end && end <= data_size, "'{}': tensor '{}' data_offsets [{}, {}] fall outside the {} data bytes",
+                     source, name, begin, end, data_size);
+    check<FileError>(end - begin == numel * static_cast<uint64_t>(info->size),
+                     "'{}': tensor '{}' has {} bytes, but {} x {} needs {}", source, name, end - begin, numel,
+                     info->name, numel * static_cast<uint64_t>(info->size));
+    spans.emplace_back(begin, end);
+    torch::Tensor t = torch::empty(sizes, torch::TensorOptions().dtype(info->type));
+    if (end > begin) std::memcpy(t.data_ptr(), data + begin, end - begin);
+    file.tensors[name] = t;
+  }
+  std::sort(spans.begin(), spans.end());
+  uint64_t covered = 0;
+  for (const auto& [begin, end] : spans) {
+    check<FileError>(begin == covered, "'{}': tensor data overlap or leave a gap at byte {}", source, begin);
+    covered = end;
+  }
+  check<FileError>(covered == data_size, "'{}': {} data bytes are not covered by any tensor", source, data_size - covered);
+  return file;
+}
+
+/// Writes `tensors` to `path` atomically (a temporary file renamed into place).
+inline void save_safetensors(const std::filesystem::path& path, const std::map<std::string, torch::Tensor>& tensors,
+                             const std::map<std::string, std::string>& metadata = {{"format", "pt"}}) {
+  write_file_atomic(path, to_safetensors(tensors, metadata));
+}
+
+/// Reads and checks a safetensors file.
+inline TensorFile load_safetensors(const std::filesystem::path& path) {
+  return from_safetensors(read_file(path), path.string());
+}
+
+}  // namespace io
+}  // namespace peft
