@@ -4,13 +4,14 @@
 # precompiled header is built once and reused by every internal target.
 add_library(peft_pch OBJECT ${PROJECT_SOURCE_DIR}/cmake/pch.cpp)
 target_link_libraries(peft_pch PUBLIC peft::peft)
-target_compile_options(peft_pch PRIVATE -Wall -Wextra -Wno-unused-parameter)
+target_compile_options(peft_pch PRIVATE -Wall -Wextra -Wno-unused-parameter -Wno-array-bounds)
 target_precompile_headers(peft_pch PUBLIC <torch/torch.h> <torch/script.h> <fmt/format.h>)
 
 # peft_internal_target(<target>): warnings, the shared PCH.
 function(peft_internal_target target)
   target_link_libraries(${target} PRIVATE peft::peft)
-  target_compile_options(${target} PRIVATE -Wall -Wextra -Wno-unused-parameter)
+  # -Wno-array-bounds: GCC 12 false positives inside LibTorch's IValue headers
+  target_compile_options(${target} PRIVATE -Wall -Wextra -Wno-unused-parameter -Wno-array-bounds)
   target_precompile_headers(${target} REUSE_FROM peft_pch)
 endfunction()
 

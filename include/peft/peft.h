@@ -21,3 +21,7 @@
 #include <peft/core/match.h>
 #include <peft/lora/config.h>
 #include <peft/peft_model.h>
+
+#include <peft/io/checkpoint.h>
+#include <peft/io/pretrained.h>
+#include <peft/io/safetensors.h>

@@ -12,6 +12,7 @@
 #include <peft/prompt/inject.h>
 #include <torch/script.h>
 
+#include <filesystem>
 #include <memory>
 #include <unordered_set>
 #include <variant>
@@ -62,9 +63,24 @@ class PeftModel {
   };
 
   PeftModel(torch::jit::Module base, const PeftConfig& config, const std::string& adapter_name = "default")
-      : base_(std::move(base)), adapted_(jit::Injection::adapted_clone(base_)) {
+      : PeftModel(std::move(base)) {
     add_adapter(adapter_name, config);
   }
+
+  // ---------------------------------------------------- files (io/pretrained.h)
+  /// Writes every adapter in HF peft's layout: `dir/adapter_config.json` and
+  /// `dir/adapter_model.safetensors` for "default", `dir/<name>/...` for others.
+  /// Files are replaced atomically.
+  void save_pretrained(const std::filesystem::path& dir) const;
+
+  /// Adds adapter `name` from files in HF peft's layout (also written by HF peft).
+  /// Throws FileError for a missing or mistyped config field, or a tensor that is
+  /// missing, of the wrong shape, or matching no module of this model.
+  void load_adapter(const std::filesystem::path& dir, const std::string& name);
+
+  /// `base` with the adapter in `dir` loaded and active.
+  static PeftModel from_pretrained(torch::jit::Module base, const std::filesystem::path& dir,
+                                   const std::string& name = "default");
 
   // ------------------------------------------------------------ adapters
   /// Adds an adapter (inactive unless it is the first; see set_adapter).
@@ -75,7 +91,17 @@ class PeftModel {
     check<OptionError>(adapters_.empty() || (!is_prompt_learning(config) && !is_prompt_learning(adapters_[0].config)),
                        "adapter '{}': prompt and prefix tuning adapters cannot be combined with other adapters", name);
     check<OptionError>(!merged_, "adapter '{}': unmerge_adapter() before adding adapters", name);
-    adapters_.push_back(inject(name, config));
+    const bool needs_boundaries = std::holds_alternative<AdapterConfig>(config);
+    const bool boundaries_gone = std::any_of(adapters_.begin(), adapters_.end(), [](const Adapter& a) {
+      return !std::holds_alternative<AdapterConfig>(a.config);
+    });
+    if (needs_boundaries && boundaries_gone) {
+      // Bottleneck adapters need submodule boundaries, which injecting other
+      // methods inlines away: rebuild with the bottleneck adapters first.
+      rebuild({}, name, config);
+    } else {
+      adapters_.push_back(inject(name, config));
+    }
     if (adapters_.size() == 1) active_ = {name};
     apply_active_flags();
   }
@@ -88,6 +114,7 @@ class PeftModel {
     active_ = names;
     apply_active_flags();
   }
+  void set_adapter(std::initializer_list<std::string> names) { set_adapter(std::vector<std::string>(names)); }
   void set_adapter(const std::string& name) { set_adapter(std::vector<std::string>{name}); }
 
   const std::vector<std::string>& active_adapters() const { return active_; }
@@ -105,15 +132,7 @@ class PeftModel {
     require(name);
     check<OptionError>(adapters_.size() > 1, "delete_adapter: '{}' is the only adapter", name);
     if (merged_) unmerge_adapter();
-    std::vector<Adapter> old = std::move(adapters_);
-    adapters_.clear();
-    adapted_ = jit::Injection::adapted_clone(base_);
-    for (auto& a : old) {
-      if (a.name == name) continue;
-      Adapter fresh = inject(a.name, loading_config(a.config));
-      take_tensors(a, fresh);
-      adapters_.push_back(std::move(fresh));
-    }
+    rebuild(name, "", {});
     active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
     if (active_.empty()) active_ = {adapters_.front().name};
     apply_active_flags();
@@ -286,6 +305,8 @@ class PeftModel {
   void eval() { train(false); }
 
  private:
+  explicit PeftModel(torch::jit::Module base) : base_(std::move(base)), adapted_(jit::Injection::adapted_clone(base_)) {}
+
   Adapter* find(const std::string& name) {
     for (auto& a : adapters_)
       if (a.name == name) return &a;
@@ -309,6 +330,25 @@ class PeftModel {
                              "adapter '{}' trains {}.{}, which adapter '{}' already trains", name, c.module, c.attribute,
                              other.name);
     return {name, config, std::move(tuner), injection.layers(), injection.copies()};
+  }
+
+  /// Re-creates the adapted model from the base: bottleneck adapters first,
+  /// without `skip`, plus a new adapter `added` (if named). Existing adapters keep
+  /// their tensors, so optimizers holding them stay valid.
+  void rebuild(const std::string& skip, const std::string& added, const PeftConfig& added_config) {
+    std::vector<Adapter> old = std::move(adapters_);
+    adapters_.clear();
+    adapted_ = jit::Injection::adapted_clone(base_);
+    for (bool bottleneck : {true, false}) {
+      for (auto& a : old) {
+        if (a.name == skip || std::holds_alternative<AdapterConfig>(a.config) != bottleneck) continue;
+        Adapter fresh = inject(a.name, loading_config(a.config));
+        take_tensors(a, fresh);
+        adapters_.push_back(std::move(fresh));
+      }
+      if (!added.empty() && std::holds_alternative<AdapterConfig>(added_config) == bottleneck)
+        adapters_.push_back(inject(added, added_config));
+    }
   }
 
   /// The config to re-create an adapter whose tensors will be restored: no
@@ -432,3 +472,6 @@ inline PeftModel get_peft_model(torch::jit::Module base, const PeftConfig& confi
 }
 
 }  // namespace peft
+
+// The file members of PeftModel.
+#include <peft/io/pretrained.h>

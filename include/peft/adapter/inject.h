@@ -87,8 +87,13 @@ class Tuner : public jit::Tuner {
     std::vector<std::string> names, called;
     for (const auto& m : model_.named_modules()) names.push_back(m.name);
     collect_calls(injection, called);
+    // Submodules an earlier bottleneck adapter follows: their boundary is that adapter's call.
+    std::map<std::string, jit::Node*> earlier = earlier_adapter_calls(injection);
+    for (const auto& entry : earlier) called.push_back(entry.first);
     auto targets = select_targets(names, called, config.rule(), "AdapterConfig", "submodule called in forward");
     std::set<std::string> wanted(targets.begin(), targets.end());
+    for (const auto& [path, call] : earlier)
+      if (wanted.erase(path)) insert(injection, config, path, call);
     injection.inline_all([&](jit::Node* call, const std::string& path) {
       if (!wanted.count(path)) return;
       check<ModelError>(call->outputs().size() == 1 && call->output()->type()->cast<c10::TensorType>(),
@@ -107,6 +112,20 @@ class Tuner : public jit::Tuner {
     jit::inlined_copy(
         injection.graph(), [&](jit::Node*, const std::string& path) { called.push_back(path); },
         jit::Injection::is_adapter_call);
+  }
+
+  /// Calls of earlier bottleneck adapters' layers, by the submodule they follow
+  /// (the graph of a model that already has adapters is fully inlined).
+  static std::map<std::string, jit::Node*> earlier_adapter_calls(jit::Injection& injection) {
+    std::map<std::string, jit::Node*> out;
+    jit::for_each_node(injection.graph().block(), [&](jit::Node* n) {
+      if (!jit::Injection::is_adapter_call(n)) return;
+      const auto& type = n->input(0)->type()->expect<c10::ClassType>()->name();
+      if (!type || type->name() != "BottleneckAdapter") return;
+      const std::string key = n->input(0)->node()->s(c10::attr::name);
+      out[jit::Injection::layer_target(key)] = n;  // the last call per target wins: adapters stack
+    });
+    return out;
   }
 
   /// Adds the layer (sized later) and routes the call's output through it.

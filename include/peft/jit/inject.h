@@ -174,6 +174,20 @@ class Injection {
     return key;
   }
 
+  /// The inverse of layer_key.
+  static std::string layer_target(const std::string& key) {
+    std::string target;
+    for (size_t i = 0; i < key.size(); ++i) {
+      if (key.compare(i, 2, "__") == 0) {
+        target += '.';
+        ++i;
+      } else {
+        target += key[i];
+      }
+    }
+    return target;
+  }
+
  private:
   std::string adapter_name_;
   torch::jit::Module model_, container_, adapters_;
