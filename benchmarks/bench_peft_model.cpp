@@ -10,6 +10,7 @@
 #include <sys/resource.h>
 
 #include <chrono>
+#include <filesystem>
 #include <unordered_set>
 
 #include "common/threads.h"
@@ -66,6 +67,36 @@ double peak_rss_mib() {
   return usage.ru_maxrss / 1024.0;
 }
 
+/// Save and load times of a ~1.2M-parameter LoRA adapter (r=8 on every linear of the blocks).
+int io_mode(const std::string& path, int runs) {
+  torch::jit::Module base = torch::jit::load(path);
+  auto config = peft::LoraConfig().r(8).target_modules({"c_attn", "c_proj", "c_fc"}).fan_in_fan_out(true);
+  peft::PeftModel model = peft::get_peft_model(base, config);
+  for (auto& p : model.trainable_parameters()) torch::nn::init::normal_(p.detach(), 0, 0.01);
+  const int64_t params = model.count_parameters().trainable;
+  const auto dir = std::filesystem::temp_directory_path() / "peft_bench_io";
+  std::vector<double> save, load, from;
+  for (int i = 0; i < runs; ++i) {
+    auto t0 = Clock::now();
+    model.save_pretrained(dir);
+    save.push_back(seconds_since(t0));
+    t0 = Clock::now();
+    auto tensors = peft::io::load_safetensors(dir / "adapter_model.safetensors");
+    load.push_back(seconds_since(t0));
+    t0 = Clock::now();
+    peft::PeftModel loaded = peft::PeftModel::from_pretrained(base, dir);
+    from.push_back(seconds_since(t0));
+  }
+  for (auto* v : {&save, &load, &from}) std::sort(v->begin(), v->end());
+  const auto bytes = std::filesystem::file_size(dir / "adapter_model.safetensors");
+  fmt::print("| adapter | {} parameters, {:.1f} MiB file | |\n", params, bytes / 1048576.0);
+  fmt::print("| save_pretrained (config + safetensors, atomic, fsync) | {:.1f} ms | |\n", 1e3 * save[runs / 2]);
+  fmt::print("| read and validate adapter_model.safetensors | {:.1f} ms | |\n", 1e3 * load[runs / 2]);
+  fmt::print("| from_pretrained (inject + load + checks) | {:.1f} ms | |\n", 1e3 * from[runs / 2]);
+  std::filesystem::remove_all(dir);
+  return 0;
+}
+
 int rss_mode(const std::string& path, const std::string& method, const torch::Tensor& ids) {
   torch::jit::Module base = torch::jit::load(path);
 
@@ -93,6 +124,8 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::ExistingFile);
   app.add_option("--rss", rss, "only train with this method and print peak RSS")->check(CLI::IsMember({"lora", "full"}));
+  bool io = false;
+  app.add_flag("--io", io, "only time saving and loading a ~1M-parameter adapter");
   app.add_option("--threads", threads, "CPU threads (0 = all cores)");
   app.add_option("--runs", runs, "measured repetitions per figure (median)");
   bool executor = false;
@@ -103,6 +136,7 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   torch::Tensor ids = torch::randint(50257, {batch, seq + 1}, torch::kLong);
   if (!rss.empty()) return rss_mode(path, rss, ids);
+  if (io) return io_mode(path, std::max(runs, 5));
 
   // Training step: LoRA (r=8 on q and v) vs full fine-tuning, alternating.
   torch::jit::Module base = torch::jit::load(path);

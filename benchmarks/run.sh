@@ -20,6 +20,7 @@ rss_row() {  # rss_row [--jit-executor]
   awk -v a="$lora" -v b="$full" 'BEGIN {printf "| peak RSS, LoRA training / full fine-tuning (separate processes) | %.3f (%d MiB / %d MiB) | <= 0.40 |\n", a / b, a, b}'
 }
 
+io_table=$($bench --io | grep '^|')
 eager=$($bench | grep '^|'; rss_row)
 executor=$($bench --jit-executor | grep '^|'; rss_row --jit-executor)
 
@@ -46,6 +47,14 @@ same for both methods and larger than the frozen weights (0.5 GB). LoRA removes
 the weight gradients and the AdamW state (1.5 GB), so its floor here is about
 (0.6 + 1.0) / (0.6 + 1.0 + 1.5) = 0.5. Getting under 0.40 needs activation
 checkpointing or a smaller batch; QLoRA (4-bit base) lowers the weights' share.
+
+### Adapter files
+
+LoRA r=8 on every \`c_attn\`, \`c_proj\` and \`c_fc\` of the same model; medians of 5.
+
+| figure | value | |
+| --- | --- | --- |
+$io_table
 MD
 )
 /usr/bin/python3 - "$section" <<'PY'

@@ -50,3 +50,51 @@ inline std::string fixture_name(const std::pair<std::string, std::string>& f) {
 }
 
 }  // namespace peft_test
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+namespace peft_test {
+
+/// Parameterised over every (architecture, export kind): the loaded fixture in
+/// eval mode and its Python reference.
+class FixtureModelTest : public ::testing::TestWithParam<std::pair<std::string, std::string>> {
+ protected:
+  void SetUp() override {
+    std::tie(arch, kind) = GetParam();
+    base = load_fixture(arch, kind);
+    base.eval();
+    ref = load_reference(arch);
+  }
+
+  std::string arch, kind;
+  torch::jit::Module base;
+  Reference ref;
+};
+
+/// A fresh, empty temporary directory.
+inline std::filesystem::path fresh_dir(const std::string& name) {
+  std::filesystem::path dir = std::filesystem::temp_directory_path() / ("peft_test_" + name);
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+/// Writes `inputs` and `expected` as buffers input_0.., expected of a module
+/// saved at `path`, for the Python checks in tools/.
+inline void save_io(const std::filesystem::path& path, const std::vector<torch::jit::IValue>& inputs,
+                    const torch::Tensor& expected) {
+  torch::jit::Module io("__torch__.IO");
+  for (size_t i = 0; i < inputs.size(); ++i) io.register_buffer("input_" + std::to_string(i), inputs[i].toTensor());
+  io.register_buffer("expected", expected.detach());
+  io.save(path.string());
+}
+
+/// Runs tools/<script> with Debian's Python; returns its exit status.
+inline int run_python_tool(const std::string& script_and_args, const std::string& env = "") {
+  const std::string cmd = env + " " + PEFT_PYTHON + " " + PEFT_SOURCE_DIR + "/tools/" + script_and_args;
+  return std::system(cmd.c_str());
+}
+
+}  // namespace peft_test

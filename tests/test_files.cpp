@@ -20,12 +20,7 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("peft_files_" + name);
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+using peft_test::fresh_dir;
 
 torch::Tensor run(peft::PeftModel& model, const std::vector<torch::jit::IValue>& inputs) {
   return model.forward(inputs).toTensor();
@@ -45,10 +40,6 @@ void expect_error(const std::function<void()>& fn, std::initializer_list<const c
   } catch (const E& e) {
     for (const char* f : fragments) EXPECT_THAT(e.what(), HasSubstr(f));
   }
-}
-
-std::string python(const std::string& args) {
-  return std::string(PEFT_PYTHON) + " " + PEFT_SOURCE_DIR + "/tools/check_hf_format.py " + args;
 }
 
 // ------------------------------------------------------------ safetensors
@@ -135,18 +126,16 @@ TEST(Pretrained, EveryMethodRoundTripsAndPythonSeesHfLayout) {
     EXPECT_TRUE(torch::allclose(run(loaded, ref.inputs), expected, 1e-6, 1e-6)) << c.method;
     if (c.method == "dora" || c.method == "adapter" || c.method == "bitfit") continue;  // HF lacks these or their layout
     fs::copy(dir, for_python / (c.arch + "_" + c.method));
-    torch::jit::Module io("__torch__.IO");
-    for (size_t i = 0; i < ref.inputs.size(); ++i) io.register_buffer("input_" + std::to_string(i), ref.inputs[i].toTensor());
-    io.register_buffer("expected", expected);
-    io.save((for_python / (c.arch + "_" + c.method) / "io.pt").string());
+    peft_test::save_io(for_python / (c.arch + "_" + c.method) / "io.pt", ref.inputs, expected);
   }
-  EXPECT_EQ(std::system(python("verify " + for_python.string()).c_str()), 0);
+  EXPECT_EQ(peft_test::run_python_tool("check_hf_format.py verify " + for_python.string()), 0);
 }
 
 TEST(Pretrained, LoadsFilesWrittenInHfLayoutByPython) {
   fs::path dir = fresh_dir("from_python");
-  const std::string env = std::string("PEFT_FIXTURE_DIR=") + PEFT_FIXTURE_DIR + " ";
-  ASSERT_EQ(std::system((env + python("write " + dir.string())).c_str()), 0);
+  ASSERT_EQ(peft_test::run_python_tool("check_hf_format.py write " + dir.string(),
+                                       std::string("PEFT_FIXTURE_DIR=") + PEFT_FIXTURE_DIR),
+            0);
   for (const std::string name : {"gpt2_lora", "llama_lora", "bert_ia3"}) {
     const std::string arch = name.substr(0, name.find('_'));
     peft::PeftModel model = peft::PeftModel::from_pretrained(peft_test::load_fixture(arch, "traced"), dir / name);

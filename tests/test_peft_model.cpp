@@ -14,7 +14,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
-using Fixture = std::pair<std::string, std::string>;
 
 /// A LoRA config that suits each architecture's module names.
 peft::LoraConfig lora_config(const std::string& arch) {
@@ -51,31 +50,21 @@ std::map<std::string, torch::Tensor> snapshot(const torch::jit::Module& m) {
   return out;
 }
 
-/// Writes `name`.pt and `name`.io.pt (inputs and expected output) for tools/check_torchscript_outputs.py.
+/// Writes `name`.pt and `name`.io.pt for tools/check_torchscript_outputs.py.
 void save_for_python(torch::jit::Module model, const fs::path& dir, const std::string& name,
                      const std::vector<torch::jit::IValue>& inputs, const torch::Tensor& expected) {
   model.save((dir / (name + ".pt")).string());
-  torch::jit::Module io("__torch__.IO");
-  for (size_t i = 0; i < inputs.size(); ++i)
-    io.register_buffer("input_" + std::to_string(i), inputs[i].toTensor());
-  io.register_buffer("expected", expected.detach());
-  io.save((dir / (name + ".io.pt")).string());
+  peft_test::save_io(dir / (name + ".io.pt"), inputs, expected);
 }
 
-class PeftModelTest : public ::testing::TestWithParam<Fixture> {
+class PeftModelTest : public peft_test::FixtureModelTest {
  protected:
   void SetUp() override {
-    std::tie(arch, kind) = GetParam();
-    base = peft_test::load_fixture(arch, kind);
-    base.eval();
-    ref = peft_test::load_reference(arch);
+    FixtureModelTest::SetUp();
     torch::NoGradGuard no_grad;
     base_output = base.forward(ref.inputs).toTensor();
   }
 
-  std::string arch, kind;
-  torch::jit::Module base;
-  peft_test::Reference ref;
   torch::Tensor base_output;
 };
 
@@ -139,9 +128,7 @@ TEST_P(PeftModelTest, MergeDisableUnmergeAndPythonReload) {
   for (const auto& [name, value] : snapshot(base))
     EXPECT_TRUE(torch::allclose(value, original.at(name), 1e-6, 1e-6)) << "unmerge did not restore " << name;
 
-  fs::path dir = fs::temp_directory_path() / ("peft_pyload_" + arch + "_" + kind);
-  fs::remove_all(dir);
-  fs::create_directories(dir);
+  fs::path dir = peft_test::fresh_dir("pyload_" + arch + "_" + kind);
   save_for_python(model.module(), dir, "adapted", ref.inputs, adapted);
   torch::jit::Module merged = model.merge_and_unload();
   torch::Tensor merged_output = merged.forward(ref.inputs).toTensor();
@@ -149,9 +136,7 @@ TEST_P(PeftModelTest, MergeDisableUnmergeAndPythonReload) {
       << "merge_and_unload differs by " << (merged_output - adapted).abs().max().item<double>();
   EXPECT_FALSE(merged.hasattr(peft::jit::Injection::kContainer));
   save_for_python(merged, dir, "merged", ref.inputs, merged_output);
-  const std::string cmd = std::string(PEFT_PYTHON) + " " + PEFT_SOURCE_DIR + "/tools/check_torchscript_outputs.py " +
-                          dir.string();
-  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  EXPECT_EQ(peft_test::run_python_tool("check_torchscript_outputs.py " + dir.string()), 0);
 }
 
 TEST_P(PeftModelTest, AllLinearSkipsTheOutputHead) {

@@ -13,17 +13,13 @@
 namespace {
 
 namespace fs = std::filesystem;
-using Fixture = std::pair<std::string, std::string>;
 
 constexpr int64_t kPromptTokens = 4, kPrefixTokens = 3;  // as in tools/export_fixtures.py
 
-class PromptPrefixTest : public ::testing::TestWithParam<Fixture> {
+class PromptPrefixTest : public peft_test::FixtureModelTest {
  protected:
   void SetUp() override {
-    std::tie(arch, kind) = GetParam();
-    base = peft_test::load_fixture(arch, kind);
-    base.eval();
-    ref = peft_test::load_reference(arch);
+    FixtureModelTest::SetUp();
     refs = torch::jit::load(peft_test::fixture_path(arch, "ref"));
   }
 
@@ -37,9 +33,7 @@ class PromptPrefixTest : public ::testing::TestWithParam<Fixture> {
     params[0].copy_(value);
   }
 
-  std::string arch, kind;
-  torch::jit::Module base, refs;
-  peft_test::Reference ref;
+  torch::jit::Module refs;
 };
 
 torch::Tensor run(peft::PeftModel& model, const std::vector<torch::jit::IValue>& inputs) {
@@ -76,9 +70,7 @@ TEST_P(PromptPrefixTest, ParameterCountsMatchTheFormulas) {
 }
 
 TEST_P(PromptPrefixTest, OnlyPromptOrPrefixTrainsAndPythonReproducesTheSavedModel) {
-  fs::path dir = fs::temp_directory_path() / ("peft_prompt_prefix_" + arch + "_" + kind);
-  fs::remove_all(dir);
-  fs::create_directories(dir);
+  fs::path dir = peft_test::fresh_dir("prompt_prefix_" + arch + "_" + kind);
   const std::vector<std::pair<std::string, peft::PeftConfig>> configs{
       {"prompt", peft::PromptTuningConfig().num_virtual_tokens(kPromptTokens)},
       {"prefix", peft::PrefixTuningConfig().num_virtual_tokens(kPrefixTokens)},
@@ -117,13 +109,9 @@ TEST_P(PromptPrefixTest, OnlyPromptOrPrefixTrainsAndPythonReproducesTheSavedMode
       EXPECT_TRUE(torch::allclose(run(model, ref.inputs), ref.expected, 1e-5, 1e-5)) << name << ": disabled != base";
     }
     model.module().save((dir / (name + ".pt")).string());
-    torch::jit::Module io("__torch__.IO");
-    for (size_t i = 0; i < ref.inputs.size(); ++i) io.register_buffer("input_" + std::to_string(i), ref.inputs[i].toTensor());
-    io.register_buffer("expected", out);
-    io.save((dir / (name + ".io.pt")).string());
+    peft_test::save_io(dir / (name + ".io.pt"), ref.inputs, out);
   }
-  const std::string cmd = std::string(PEFT_PYTHON) + " " + PEFT_SOURCE_DIR + "/tools/check_torchscript_outputs.py " + dir.string();
-  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  EXPECT_EQ(peft_test::run_python_tool("check_torchscript_outputs.py " + dir.string()), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(AllFixtures, PromptPrefixTest, ::testing::ValuesIn(peft_test::all_fixtures()),

@@ -178,16 +178,6 @@ def run_case(case_dir):
     return not errors
 
 
-class IO(torch.nn.Module):
-    def __init__(self, tensors):
-        super().__init__()
-        for k, v in tensors.items():
-            self.register_buffer(k, v)
-
-    def forward(self) -> int:
-        return 0
-
-
 def ia3_shape(model, path):
     """HF's ia3_l: (1, in) for feed-forward modules, (out, 1) otherwise."""
     out_features, in_features = module_at(model, path).weight.shape
@@ -232,7 +222,7 @@ def write_cases(out):
         inputs = [refs.input_ids] + ([refs.attention_mask] if ARCH == "bert" else [])
         with torch.no_grad():
             expected = apply_adapter(model, full, tensors)(*inputs)
-        torch.jit.script(IO({**{f"input_{i}": x for i, x in enumerate(inputs)}, "expected": expected})).save(
+        torch.jit.script(fx.References({**{f"input_{i}": x for i, x in enumerate(inputs)}, "expected": expected})).save(
             os.path.join(case, "io.pt"))
         print(f"wrote {case}")
 

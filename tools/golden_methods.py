@@ -13,8 +13,14 @@ m/‖W+sBA‖·(W+sBA)x + b), like PyTorch's own init_baseline.py.
 import argparse
 import math
 
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from export_fixtures import References  # noqa: E402  (buffers readable from C++)
 
 torch.manual_seed(20240601)
 cases = {}
@@ -129,18 +135,8 @@ cases["pissa__BA"] = B @ A
 cases["pissa__residual"] = W - s * B @ A
 
 
-class Golden(torch.nn.Module):
-    def __init__(self, tensors):
-        super().__init__()
-        for k, v in tensors.items():
-            self.register_buffer(k, v)
-
-    def forward(self) -> int:
-        return 0
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    torch.jit.script(Golden(cases)).save(parser.parse_args().out)
+    torch.jit.script(References(cases)).save(parser.parse_args().out)
     print(f"wrote {len(cases)} tensors")

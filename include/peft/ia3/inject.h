@@ -53,13 +53,9 @@ class Tuner : public jit::Tuner {
  public:
   Tuner(jit::Injection& injection, const IA3Config& config) : model_(injection.model()) {
     injection.inline_all();
-    auto sites = jit::sites_by_module(jit::find_linear_sites(injection.graph(), model_));
-    std::vector<std::string> names, linear;
-    for (const auto& m : model_.named_modules()) names.push_back(m.name);
-    for (const auto& entry : sites) linear.push_back(entry.first);
-    for (const auto& target : select_targets(names, linear, config.rule(), "IA3Config", "linear layer")) {
+    for (const auto& [target, uses] : jit::select_linear_targets(injection.graph(), model_, config.rule(), "IA3Config")) {
       const bool ff = !config.feedforward_modules().empty() && config.feedforward_modules().matches(target);
-      add(injection, target, sites.at(target), ff, config.init_ia3_weights());
+      add(injection, target, uses, ff, config.init_ia3_weights());
     }
     injection.train_modules_to_save(config.modules_to_save());
   }

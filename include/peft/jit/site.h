@@ -4,6 +4,7 @@
 /// by the module path of their weight, in the three forms exports use.
 
 #include <peft/core/error.h>
+#include <peft/core/match.h>
 #include <peft/jit/graph.h>
 
 #include <map>
@@ -98,6 +99,28 @@ inline bool is_graph_output(Value* value) {
 inline std::map<std::string, std::vector<LinearSite>> sites_by_module(const std::vector<LinearSite>& sites) {
   std::map<std::string, std::vector<LinearSite>> out;
   for (const auto& s : sites) out[s.module].push_back(s);
+  return out;
+}
+
+/// "all-linear" leaves out the output head: a layer named lm_head, or one whose
+/// result is the model's output.
+inline bool is_output_head(const std::string& module, const std::vector<LinearSite>& uses) {
+  return TargetModules::matches_key(module, "lm_head") ||
+         std::any_of(uses.begin(), uses.end(), [](const LinearSite& s) { return is_graph_output(s.output); });
+}
+
+/// The linear layers of an inlined graph that `rule` selects, each with its
+/// uses; TargetError (naming `method`) as select_targets() raises it.
+inline std::map<std::string, std::vector<LinearSite>> select_linear_targets(Graph& graph, const torch::jit::Module& model,
+                                                                            const TargetRule& rule,
+                                                                            const std::string& method) {
+  auto sites = sites_by_module(find_linear_sites(graph, model));
+  std::vector<std::string> names, linear;
+  for (const auto& m : model.named_modules()) names.push_back(m.name);
+  for (const auto& [module, uses] : sites)
+    if (!rule.target_modules.is_all_linear() || !is_output_head(module, uses)) linear.push_back(module);
+  std::map<std::string, std::vector<LinearSite>> out;
+  for (const auto& target : select_targets(names, linear, rule, method, "linear layer")) out[target] = sites.at(target);
   return out;
 }
 

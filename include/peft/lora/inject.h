@@ -75,13 +75,8 @@ class Tuner : public jit::Tuner {
  public:
   Tuner(jit::Injection& injection, const LoraConfig& config) : model_(injection.model()) {
     injection.inline_all();
-    auto sites = jit::sites_by_module(jit::find_linear_sites(injection.graph(), model_));
-    std::vector<std::string> names, linear;
-    for (const auto& m : model_.named_modules()) names.push_back(m.name);
-    for (const auto& [module, uses] : sites)
-      if (!config.target_modules().is_all_linear() || !is_output_head(module, uses)) linear.push_back(module);
-    for (const auto& target : select_targets(names, linear, config.rule(), "LoraConfig", "linear layer"))
-      add(injection, config, target, sites.at(target));
+    for (const auto& [target, uses] : jit::select_linear_targets(injection.graph(), model_, config.rule(), "LoraConfig"))
+      add(injection, config, target, uses);
     if (!orientation_mismatch_.empty())  // HF peft warns and corrects the same way
       fmt::print(stderr, "peft: warning: LoraConfig.fan_in_fan_out={} does not fit {}; using the layout the graph shows\n",
                  config.fan_in_fan_out(), join_names(orientation_mismatch_, 4));
@@ -127,12 +122,6 @@ class Tuner : public jit::Tuner {
   }
 
  private:
-  /// "all-linear" leaves out the output head: a linear whose result is the model's output.
-  static bool is_output_head(const std::string& module, const std::vector<jit::LinearSite>& uses) {
-    return module == "lm_head" || TargetModules::matches_key(module, "lm_head") ||
-           std::any_of(uses.begin(), uses.end(), [](const jit::LinearSite& s) { return jit::is_graph_output(s.output); });
-  }
-
   void add(jit::Injection& injection, const LoraConfig& config, const std::string& target,
            const std::vector<jit::LinearSite>& uses) {
     const jit::LinearSite& site = uses.front();
