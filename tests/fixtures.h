@@ -51,6 +51,7 @@ inline std::string fixture_name(const std::pair<std::string, std::string>& f) {
 
 }  // namespace peft_test
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -72,6 +73,17 @@ class FixtureModelTest : public ::testing::TestWithParam<std::pair<std::string, 
   torch::jit::Module base;
   Reference ref;
 };
+
+/// Expects `fn` to throw E with a message containing every fragment.
+template <typename E, typename Fn>
+void expect_error(Fn&& fn, std::initializer_list<const char*> fragments) {
+  try {
+    fn();
+    ADD_FAILURE() << "no exception; expected one mentioning " << *fragments.begin();
+  } catch (const E& e) {
+    for (const char* f : fragments) EXPECT_THAT(e.what(), ::testing::HasSubstr(f));
+  }
+}
 
 /// A fresh, empty temporary directory.
 inline std::filesystem::path fresh_dir(const std::string& name) {

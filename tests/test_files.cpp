@@ -17,8 +17,9 @@
 
 namespace {
 
+using peft_test::expect_error;
+
 namespace fs = std::filesystem;
-using ::testing::HasSubstr;
 
 using peft_test::fresh_dir;
 
@@ -32,15 +33,6 @@ void randomise(peft::PeftModel& model, double scale = 0.2) {
   for (auto& p : model.trainable_parameters()) p.add_(torch::randn_like(p) * scale);
 }
 
-template <typename E>
-void expect_error(const std::function<void()>& fn, std::initializer_list<const char*> fragments) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning " << *fragments.begin();
-  } catch (const E& e) {
-    for (const char* f : fragments) EXPECT_THAT(e.what(), HasSubstr(f));
-  }
-}
 
 // ------------------------------------------------------------ safetensors
 TEST(Safetensors, RoundTripsEveryDtype) {

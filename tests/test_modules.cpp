@@ -4,25 +4,18 @@
 #include <gtest/gtest.h>
 #include <peft/peft.h>
 
+#include "fixtures.h"
+
 namespace {
 
-using ::testing::HasSubstr;
+using peft_test::expect_error;
+
 
 torch::nn::Linear frozen_linear(int64_t in, int64_t out) {
   torch::nn::Linear l(in, out);
   return l;
 }
 
-/// Expects `fn` to throw E with a message containing every fragment.
-template <typename E, typename Fn>
-void expect_error(Fn&& fn, std::initializer_list<const char*> fragments) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning " << *fragments.begin();
-  } catch (const E& e) {
-    for (const char* f : fragments) EXPECT_THAT(e.what(), HasSubstr(f));
-  }
-}
 
 // ---------------------------------------------------------------- neutral init
 TEST(NeutralInit, LoraDoraIa3AdapterEqualBaseExactly) {

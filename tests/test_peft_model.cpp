@@ -12,8 +12,9 @@
 
 namespace {
 
+using peft_test::expect_error;
+
 namespace fs = std::filesystem;
-using ::testing::HasSubstr;
 
 /// A LoRA config that suits each architecture's module names.
 peft::LoraConfig lora_config(const std::string& arch) {
@@ -301,16 +302,6 @@ TEST(BitFit, BertTrainsExactlyBiasesAndNorms) {
   for (const auto& [name, value] : snapshot(base)) EXPECT_TRUE(torch::equal(value, before.at(name))) << name;
 }
 
-// ------------------------------------------------------------------- errors
-template <typename E>
-void expect_error(const std::function<void()>& fn, std::initializer_list<const char*> fragments) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception";
-  } catch (const E& e) {
-    for (const char* f : fragments) EXPECT_THAT(e.what(), HasSubstr(f));
-  }
-}
 
 TEST(Errors, TypedAndNamingTheCulprit) {
   auto gpt2 = peft_test::load_fixture("gpt2", "scripted");
