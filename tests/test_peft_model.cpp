@@ -275,6 +275,23 @@ TEST(Targeting, LayersRankAlphaAndExclude) {
     }
 }
 
+TEST(Targeting, BiasAllAndLoraOnly) {
+  auto base = peft_test::load_fixture("bert", "scripted");
+  auto names = [](const peft::PeftModel& m) {
+    std::set<std::string> out;
+    for (const auto& p : m.named_trainable_parameters())
+      if (p.first.size() > 5 && p.first.compare(p.first.size() - 5, 5, ".bias") == 0) out.insert(p.first);
+    return out;
+  };
+  auto cfg = peft::LoraConfig().r(2).target_modules({"query"});
+  EXPECT_TRUE(names(peft::get_peft_model(base, cfg)).empty());
+  EXPECT_EQ(names(peft::get_peft_model(base, peft::LoraConfig(cfg).bias(peft::LoraBias::LoraOnly))),
+            (std::set<std::string>{"encoder.layer.0.attention.self.query.bias", "encoder.layer.1.attention.self.query.bias"}));
+  size_t all_biases = 0;
+  for (const auto& p : base.named_parameters()) all_biases += p.name.size() > 5 && p.name.compare(p.name.size() - 5, 5, ".bias") == 0;
+  EXPECT_EQ(names(peft::get_peft_model(base, peft::LoraConfig(cfg).bias(peft::LoraBias::All))).size(), all_biases);
+}
+
 TEST(Targeting, RegexMustMatchTheWholeName) {
   auto base = peft_test::load_fixture("bert", "traced");
   auto model = peft::get_peft_model(base, peft::LoraConfig().target_modules("encoder\\.layer\\.0\\.attention\\.self\\.(query|key)"));
