@@ -320,6 +320,21 @@ TEST(BitFit, BertTrainsExactlyBiasesAndNorms) {
 }
 
 
+TEST(Warnings, TracedDeviceConstantsThatDifferFromTheWeights) {
+  torch::jit::Module fc("__torch__.Fc");
+  fc.register_attribute("training", c10::BoolType::get(), false);
+  fc.register_parameter("weight", torch::randn({4, 4}), false);
+  // A traced export made on a GPU bakes its device into constants like this one.
+  fc.define("def forward(self, x):\n  return torch.linear(x, self.weight) + torch.zeros([4], device=torch.device('cuda:0'))\n");
+  torch::jit::Module root("__torch__.Root");
+  root.register_attribute("training", c10::BoolType::get(), false);
+  root.register_module("fc", fc);
+  root.define("def forward(self, x):\n  return self.fc.forward(x)\n");
+  testing::internal::CaptureStderr();
+  peft::get_peft_model(root, peft::LoraConfig().r(2).target_modules({"fc"}));
+  EXPECT_THAT(testing::internal::GetCapturedStderr(), ::testing::HasSubstr("hard-codes device cuda:0 but the weights are on cpu"));
+}
+
 TEST(Errors, TypedAndNamingTheCulprit) {
   auto gpt2 = peft_test::load_fixture("gpt2", "scripted");
   expect_error<peft::TargetError>([&] { peft::get_peft_model(gpt2, peft::LoraConfig()); },

@@ -17,6 +17,7 @@
 #include <peft/jit/graph.h>
 
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -71,6 +72,7 @@ class Injection {
     adapters_ = new_module(model_, "Adapter_" + adapter_name);
     container_.register_module(adapter_name, adapters_);
     graph_ = method_graph(model_, "forward");
+    warn_about_baked_devices();
   }
 
   /// Whether `call` runs an adapter layer (of this or an earlier adapter).
@@ -189,6 +191,22 @@ class Injection {
   }
 
  private:
+  /// Traced exports bake the tracing device into constants (e.g. masks made with
+  /// device="cpu"); say so when the weights now live elsewhere.
+  void warn_about_baked_devices() const {
+    const c10::Device weights = (*model_.parameters().begin()).device();
+    auto scratch = inlined_copy(*graph_, nullptr, is_adapter_call);
+    std::set<std::string> baked;
+    for_each_node(scratch->block(), [&](Node* n) {
+      if (n->kind() != c10::prim::Constant || n->output()->type()->kind() != c10::TypeKind::DeviceObjType) return;
+      const c10::Device d = toIValue(n->output())->toDevice();
+      if (d != weights) baked.insert(d.str());
+    });
+    if (!baked.empty())
+      fmt::print(stderr, "peft: warning: forward hard-codes device {} but the weights are on {}; trace the model on "
+                 "the device it will run on\n", join_names({baked.begin(), baked.end()}), weights.str());
+  }
+
   std::string adapter_name_;
   torch::jit::Module model_, container_, adapters_;
   std::shared_ptr<Graph> graph_;
