@@ -1,5 +1,6 @@
 // USE-Lite (the main job's pretrained model): the C++ tokenizer gives exactly the
-// token ids of the package's own JavaScript runtime (tools/use_lite/reference.js,
+// token ids, and tokenizer + TorchScript port (tools/convert_use_lite.py) the
+// embeddings, of the package's own JavaScript runtime (tools/use_lite/reference.js,
 // output checked in as tests/data/use_lite_reference.json).
 #include <gtest/gtest.h>
 
@@ -25,6 +26,30 @@ TEST(UseLiteTokenizer, MatchesTheJavaScriptTokenizerExactly) {
     const std::string sentence = ref["sentences"][i].get<std::string>();
     EXPECT_EQ(tokenizer.encode(sentence), ref["ids"][i].get<std::vector<int64_t>>()) << "sentence: '" << sentence << "'";
   }
+}
+
+TEST(UseLiteModel, TokenizerAndTorchScriptPortMatchTheJavaScriptEmbeddings) {
+  peft_examples::UseTokenizer tokenizer(vocab_path());
+  const nlohmann::json ref = reference();
+  std::vector<std::vector<int64_t>> ids;
+  for (const auto& s : ref["sentences"]) ids.push_back(tokenizer.encode(s.get<std::string>()));
+  int64_t longest = 1;
+  for (const auto& seq : ids) longest = std::max<int64_t>(longest, static_cast<int64_t>(seq.size()));
+  torch::Tensor input = torch::zeros({static_cast<int64_t>(ids.size()), longest}, torch::kLong);
+  torch::Tensor mask = torch::zeros_like(input);
+  for (size_t i = 0; i < ids.size(); ++i)
+    for (size_t j = 0; j < ids[i].size(); ++j) input[i][j] = ids[i][j], mask[i][j] = 1;
+  torch::jit::Module model = torch::jit::load(PEFT_USE_LITE);
+  model.eval();
+  torch::NoGradGuard no_grad;
+  torch::Tensor out = model.forward({input, mask}).toTensor();
+  torch::Tensor expected = torch::tensor(ref["embeddings"].get<std::vector<std::vector<float>>>()[0]).unsqueeze(0);
+  for (size_t i = 1; i < ids.size(); ++i)
+    expected = torch::cat({expected, torch::tensor(ref["embeddings"][i].get<std::vector<float>>()).unsqueeze(0)});
+  ASSERT_EQ(out.sizes(), expected.sizes());
+  torch::Tensor cosine = torch::cosine_similarity(out, expected, 1);
+  EXPECT_GE(cosine.min().item<double>(), 0.9999);
+  EXPECT_LE((out - expected).abs().max().item<double>(), 1e-4);
 }
 
 TEST(UseLiteTokenizer, MissingVocabularyIsAFileError) {
