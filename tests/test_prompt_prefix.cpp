@@ -54,7 +54,8 @@ TEST_P(PromptPrefixTest, PromptEqualsBaseLayersOnPrependedSequence) {
 TEST_P(PromptPrefixTest, PrefixEqualsAttentionOverConcatenatedKeysAndValues) {
   auto model = peft::get_peft_model(base, peft::PrefixTuningConfig().num_virtual_tokens(kPrefixTokens));
   model.eval();
-  set_only_parameter(model, golden("prefix"));
+  // The golden prefixes are [layers, 2, kv_heads, P, head_dim]; the model keeps HF's [P, layers·2·kv_heads·head_dim].
+  set_only_parameter(model, golden("prefix").permute({3, 0, 1, 2, 4}).reshape({kPrefixTokens, -1}));
   torch::NoGradGuard no_grad;
   torch::Tensor out = run(model, ref.inputs);
   EXPECT_TRUE(torch::allclose(out, golden("prefix_expected"), 1e-5, 1e-5))

@@ -6,6 +6,8 @@
 
 #include <fstream>
 
+#include <peft/peft.h>
+
 #include "common/use_tokenizer.h"
 #include "fixtures.h"
 
@@ -50,6 +52,34 @@ TEST(UseLiteModel, TokenizerAndTorchScriptPortMatchTheJavaScriptEmbeddings) {
   torch::Tensor cosine = torch::cosine_similarity(out, expected, 1);
   EXPECT_GE(cosine.min().item<double>(), 0.9999);
   EXPECT_LE((out - expected).abs().max().item<double>(), 1e-4);
+}
+
+TEST(UseLiteModel, PrefixAndPromptTuningFitItsLayers) {
+  // Its two layers differ (4 heads of 64, then 4 of 128) and it clips the ids
+  // before embedding them: prefix and prompt tuning must cope with both.
+  torch::jit::Module base = torch::jit::load(PEFT_USE_LITE);
+  torch::Tensor ids = torch::randint(6, 8000, {3, 12}), mask = torch::ones({3, 12}, torch::kLong);
+  mask[2].narrow(0, 7, 5).zero_();
+  const std::vector<std::pair<std::string, peft::PeftConfig>> configs{
+      {"prefix", peft::PrefixTuningConfig().num_virtual_tokens(5)},
+      // The model pools over its mask input, so the prompt positions stay in the sequence.
+      {"prompt", peft::PromptTuningConfig().num_virtual_tokens(5).keep_prompt_positions(true)}};
+  for (const auto& [name, config] : configs) {
+    peft::PeftModel model = peft::get_peft_model(base, config);
+    const int64_t expected = name == "prefix" ? 5 * (2 * 4 * 64 + 2 * 4 * 128) : 5 * 256;
+    EXPECT_EQ(model.count_parameters().trainable, expected) << name;
+    torch::Tensor target = torch::randn({3, 512});
+    torch::optim::Adam opt(model.trainable_parameters(), 1e-2);
+    std::vector<double> losses;
+    for (int step = 0; step < 5; ++step) {
+      opt.zero_grad();
+      torch::Tensor loss = (model.forward({ids, mask}).toTensor() - target).pow(2).mean();
+      loss.backward();
+      opt.step();
+      losses.push_back(loss.item<double>());
+    }
+    EXPECT_LT(losses.back(), losses.front()) << name;
+  }
 }
 
 TEST(UseLiteTokenizer, MissingVocabularyIsAFileError) {

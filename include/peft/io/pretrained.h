@@ -94,9 +94,15 @@ inline nlohmann::json config_json(const PeftModel::Adapter& a) {
               {"prompt_tuning_init", "RANDOM"}, {"prompt_tuning_init_text", nullptr}, {"tokenizer_name_or_path", nullptr}});
   } else if (const auto* c = std::get_if<PrefixTuningConfig>(&a.config)) {
     j = detail::common("PREFIX_TUNING");
-    const int64_t heads = detail::layer_int(a, "kv_heads"), dim = detail::layer_int(a, "head_dim");
-    j.update({{"num_virtual_tokens", c->num_virtual_tokens()}, {"token_dim", heads * dim},
-              {"num_transformer_submodules", 1}, {"num_attention_heads", heads},
+    // HF's fields describe one layout for every layer; layers that differ are inferred from the graph on load.
+    const auto module = a.layers.front().module;
+    const auto heads = module.attr("kv_heads").toIntVector(), dims = module.attr("head_dims").toIntVector();
+    const bool uniform = std::equal(heads.begin() + 1, heads.end(), heads.begin()) &&
+                         std::equal(dims.begin() + 1, dims.end(), dims.begin());
+    j.update({{"num_virtual_tokens", c->num_virtual_tokens()},
+              {"token_dim", uniform ? nlohmann::json(heads[0] * dims[0]) : nlohmann::json(nullptr)},
+              {"num_transformer_submodules", 1},
+              {"num_attention_heads", uniform ? nlohmann::json(heads[0]) : nlohmann::json(nullptr)},
               {"num_layers", detail::layer_int(a, "num_layers")}, {"encoder_hidden_size", c->encoder_hidden_size()},
               {"prefix_projection", false}});  // saved folded, as HF saves prefixes for inference
   } else if (const auto* c = std::get_if<AdapterConfig>(&a.config)) {
@@ -307,15 +313,11 @@ inline std::vector<StateEntry> adapter_state(const PeftModel::Adapter& a) {
     } else if (std::holds_alternative<PromptTuningConfig>(a.config)) {
       add("prompt_embeddings", "prompt_embeddings", same, same);
     } else if (std::holds_alternative<PrefixTuningConfig>(a.config)) {
-      // ours [L, 2, H, P, d] <-> HF [P, L·2·H·d] (HF reshapes to [P, L·2, H, d])
-      const auto shape = m.run_method("prefixes").toTensor().sizes().vec();
-      out.push_back({"prompt_embeddings",
-                     m.run_method("prefixes").toTensor().detach().permute({3, 0, 1, 2, 4}).reshape({shape[3], -1}).contiguous(),
-                     [m, shape](const torch::Tensor& v) mutable {
+      // Stored as HF stores it, [P, layers·2·kv_heads·head_dim]; a projection MLP is saved folded.
+      out.push_back({"prompt_embeddings", m.run_method("prefixes").toTensor().detach(), [m](const torch::Tensor& v) mutable {
                        check<ModelError>(!m.attr("use_projection").toBool(), "load a prefix adapter without prefix_projection");
                        torch::NoGradGuard no_grad;
-                       m.attr("prefix").toTensor().copy_(
-                           v.reshape({shape[3], shape[0], shape[1], shape[2], shape[4]}).permute({1, 2, 3, 0, 4}));
+                       m.attr("prefix").toTensor().copy_(v);
                      }});
     }
   }

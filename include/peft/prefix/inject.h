@@ -21,33 +21,39 @@ struct PrefixTuningConfig {
   /// Train the prefixes through Embedding → Linear → Tanh → Linear (Li & Liang).
   TORCH_ARG(bool, prefix_projection) = false;
   TORCH_ARG(int64_t, encoder_hidden_size) = 512;
-  /// Width of the reparametrisation's input embedding; 0: kv_heads · head_dim.
+  /// Width of the reparametrisation's input embedding; 0: kv_heads · head_dim (averaged over layers).
   TORCH_ARG(int64_t, token_dim) = 0;
-  /// Key/value heads and head width; 0: read from the graph (the head-split view).
+  /// Key/value heads and head width of every layer; 0: read per layer from the
+  /// graph (the head-split view), so layers may differ.
   TORCH_ARG(int64_t, num_key_value_heads) = 0;
   TORCH_ARG(int64_t, head_dim) = 0;
 };
 
 namespace prefix {
 
-/// TorchScript source of the prefix store shared by every attention layer.
+/// TorchScript source of the prefix store shared by every attention layer. The
+/// prefixes live as HF peft saves them: [P, Σ 2·kv_heads·head_dim], layer by
+/// layer (keys, then values), so layers may differ in head layout.
 inline std::string layer_source() {
   return "def prefixes(self) -> Tensor:\n"
          "    if self.use_projection:\n"
-         "        h = torch.linear(torch.tanh(torch.linear(self.embedding, self.transform_0_weight, "
+         "        return torch.linear(torch.tanh(torch.linear(self.embedding, self.transform_0_weight, "
          "self.transform_0_bias)), self.transform_2_weight, self.transform_2_bias)\n"
-         "        h = h.view([self.num_virtual_tokens, self.num_layers, 2, self.kv_heads, self.head_dim])\n"
-         "        return h.permute([1, 2, 3, 0, 4])\n"
          "    return self.prefix\n"
+         "def layer(self, i: int) -> Tensor:\n"
+         "    h = self.kv_heads[i]\n"
+         "    d = self.head_dims[i]\n"
+         "    p = self.prefixes().narrow(1, self.offsets[i], 2 * h * d)\n"
+         "    return p.reshape([self.num_virtual_tokens, 2, h, d]).permute([1, 2, 0, 3])\n"
          "def keys(self, i: int, k: Tensor) -> Tensor:\n"
          "    if not self.active:\n"
          "        return k\n"
-         "    p = self.prefixes()[i][0].to(k.dtype).unsqueeze(0).expand(k.size(0), -1, -1, -1)\n"
+         "    p = self.layer(i)[0].to(k.dtype).unsqueeze(0).expand(k.size(0), -1, -1, -1)\n"
          "    return torch.cat([p, k], 2)\n"
          "def values(self, i: int, v: Tensor) -> Tensor:\n"
          "    if not self.active:\n"
          "        return v\n"
-         "    p = self.prefixes()[i][1].to(v.dtype).unsqueeze(0).expand(v.size(0), -1, -1, -1)\n"
+         "    p = self.layer(i)[1].to(v.dtype).unsqueeze(0).expand(v.size(0), -1, -1, -1)\n"
          "    return torch.cat([p, v], 2)\n"
          "def mask(self, m: Tensor, attend: float) -> Tensor:\n"
          "    if not self.active or m.dim() == 0 or m.size(-1) == 1:\n"
@@ -68,28 +74,33 @@ class Tuner : public jit::Tuner {
     check<ModelError>(!sites.empty(),
                       "PrefixTuningConfig: no attention found (softmax(q·kᵀ ...)·v with the head split visible); see "
                       "docs/export-conventions.md");
-    auto [kv_heads, head_dim] = head_layout(sites, config);
+    std::vector<int64_t> heads, dims, offsets;
+    int64_t total = 0;  // Σ 2·kv_heads·head_dim
+    for (const auto& site : sites) {
+      auto [h, d] = head_layout(site, config);
+      heads.push_back(h), dims.push_back(d), offsets.push_back(total);
+      total += 2 * h * d;
+    }
     const int64_t layers = static_cast<int64_t>(sites.size());
     auto like = (*injection.model().parameters().begin()).options();
-    const int64_t width = 2 * kv_heads * head_dim;
     const std::vector<std::string> mlp{"embedding", "transform_0_weight", "transform_0_bias", "transform_2_weight",
                                        "transform_2_bias"};
     std::vector<std::pair<std::string, torch::Tensor>> params;
     if (config.prefix_projection()) {
-      const int64_t token_dim = config.token_dim() > 0 ? config.token_dim() : kv_heads * head_dim;
-      PrefixEncoder encoder(P, token_dim, config.encoder_hidden_size(), layers * width);
+      const int64_t token_dim = config.token_dim() > 0 ? config.token_dim() : total / layers / 2;
+      PrefixEncoder encoder(P, token_dim, config.encoder_hidden_size(), total);
       encoder->to(like.device(), like.dtype().toScalarType());
       auto linear = [&](size_t i) { return encoder->transform[i]->as<torch::nn::Linear>(); };
       params = {{mlp[0], encoder->embedding->weight.detach()}, {mlp[1], linear(0)->weight.detach()},
                 {mlp[2], linear(0)->bias.detach()},            {mlp[3], linear(2)->weight.detach()},
                 {mlp[4], linear(2)->bias.detach()},            {"prefix", torch::empty({0}, like)}};
     } else {
-      params = {{"prefix", torch::randn({layers, 2, kv_heads, P, head_dim}, like)}};  // HF: N(0, 1)
+      params = {{"prefix", torch::randn({P, total}, like)}};  // HF: N(0, 1)
       for (const auto& name : mlp) params.emplace_back(name, torch::empty({0}, like));
     }
     injection.add_layer("prefix", "PrefixEncoder", params,
-                        {{"num_virtual_tokens", P}, {"num_layers", layers}, {"kv_heads", kv_heads},
-                         {"head_dim", head_dim}, {"use_projection", config.prefix_projection()}},
+                        {{"num_virtual_tokens", P}, {"num_layers", layers}, {"kv_heads", heads},
+                         {"head_dims", dims}, {"offsets", offsets}, {"use_projection", config.prefix_projection()}},
                         layer_source());
     layer_ = injection.layers().back();
     for (const auto& [name, tensor] : params)  // only what the chosen mode uses trains
@@ -116,16 +127,10 @@ class Tuner : public jit::Tuner {
   }
 
  private:
-  static std::pair<int64_t, int64_t> head_layout(const std::vector<jit::AttentionSite>& sites,
-                                                 const PrefixTuningConfig& config) {
-    int64_t heads = config.num_key_value_heads(), dim = config.head_dim();
-    for (const auto& s : sites) {
-      if (!heads) heads = s.kv_heads;
-      if (!dim) dim = s.head_dim;
-      check<ModelError>(!s.kv_heads || (s.kv_heads == heads && s.head_dim == dim),
-                        "PrefixTuningConfig: attention layers differ in key/value heads ({} x {} vs {} x {})", s.kv_heads,
-                        s.head_dim, heads, dim);
-    }
+  /// {kv_heads, head_dim} of one attention: from the config if set, else the graph.
+  static std::pair<int64_t, int64_t> head_layout(const jit::AttentionSite& site, const PrefixTuningConfig& config) {
+    const int64_t heads = config.num_key_value_heads() ? config.num_key_value_heads() : site.kv_heads;
+    const int64_t dim = config.head_dim() ? config.head_dim() : site.head_dim;
     check<ModelError>(heads > 0 && dim > 0,
                       "PrefixTuningConfig: the graph does not tell the key/value heads and head width (the head split "
                       "is not a view with constant sizes); set num_key_value_heads and head_dim");

@@ -9,6 +9,8 @@
 #include <peft/jit/inject.h>
 #include <peft/prompt/prompt.h>
 
+#include <set>
+
 namespace peft {
 
 /// Prompt tuning for a whole model (HF peft's PROMPT_TUNING).
@@ -103,8 +105,15 @@ class Tuner : public jit::Tuner {
     auto scratch = jit::inlined_copy(injection.graph(), nullptr, jit::Injection::is_adapter_call);
     jit::Value* ids = scratch->inputs().at(1);
     torch::Tensor table;
+    // The ids may be clipped or cast first (input_ids[:, :max_len], .long(), ...).
+    auto from_ids = [&](jit::Value* v) {
+      static const std::set<c10::Symbol> keeps_tokens{c10::aten::slice, c10::aten::narrow, c10::aten::contiguous,
+                                                      c10::aten::to, c10::aten::clone};
+      while (v != ids && keeps_tokens.count(v->node()->kind())) v = v->node()->input(0);
+      return v == ids;
+    };
     jit::for_each_node(scratch->block(), [&](jit::Node* n) {
-      if (table.defined() || n->kind() != c10::aten::embedding || n->input(1) != ids) return;
+      if (table.defined() || n->kind() != c10::aten::embedding || !from_ids(n->input(1))) return;
       if (auto attr = jit::attribute_of(n->input(0))) table = jit::base_tensor(injection.model(), attr->first, attr->second);
     });
     check<ModelError>(table.defined(),
