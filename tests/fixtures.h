@@ -85,6 +85,21 @@ void expect_error(Fn&& fn, std::initializer_list<const char*> fragments) {
   }
 }
 
+/// A TorchScript model built in C++: root.forward(x) calls root.fc, a module
+/// with `parameters` whose forward(self, x) returns `fc_expression`.
+inline torch::jit::Module model_with_fc(const std::vector<std::pair<std::string, torch::Tensor>>& parameters,
+                                        const std::string& fc_expression) {
+  torch::jit::Module fc("__torch__.Fc");
+  fc.register_attribute("training", c10::BoolType::get(), false);
+  for (const auto& [name, value] : parameters) fc.register_parameter(name, value, false);
+  fc.define("def forward(self, x):\n  return " + fc_expression + "\n");
+  torch::jit::Module root("__torch__.Root");
+  root.register_attribute("training", c10::BoolType::get(), false);
+  root.register_module("fc", fc);
+  root.define("def forward(self, x):\n  return self.fc.forward(x)\n");
+  return root;
+}
+
 /// A fresh, empty temporary directory.
 inline std::filesystem::path fresh_dir(const std::string& name) {
   std::filesystem::path dir = std::filesystem::temp_directory_path() / ("peft_test_" + name);

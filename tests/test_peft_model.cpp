@@ -154,17 +154,8 @@ INSTANTIATE_TEST_SUITE_P(AllFixtures, PeftModelTest, ::testing::ValuesIn(peft_te
 // ---------------------------------------------------------------- the math
 /// root.fc = a TorchScript linear layer (weight [out, in], or [in, out] applied as x @ W + b).
 torch::jit::Module tiny_model(const torch::Tensor& W, const torch::Tensor& b, bool conv1d) {
-  torch::jit::Module fc("__torch__.Fc");
-  fc.register_attribute("training", c10::BoolType::get(), false);
-  fc.register_parameter("weight", W, false);
-  fc.register_parameter("bias", b, false);
-  fc.define(conv1d ? "def forward(self, x):\n  return torch.matmul(x, self.weight) + self.bias\n"
-                   : "def forward(self, x):\n  return torch.linear(x, self.weight, self.bias)\n");
-  torch::jit::Module root("__torch__.Root");
-  root.register_attribute("training", c10::BoolType::get(), false);
-  root.register_module("fc", fc);
-  root.define("def forward(self, x):\n  return self.fc.forward(x)\n");
-  return root;
+  return peft_test::model_with_fc({{"weight", W}, {"bias", b}}, conv1d ? "torch.matmul(x, self.weight) + self.bias"
+                                                                      : "torch.linear(x, self.weight, self.bias)");
 }
 
 /// Gives the single adapter layer random parameters and returns them by name.
@@ -321,15 +312,9 @@ TEST(BitFit, BertTrainsExactlyBiasesAndNorms) {
 
 
 TEST(Warnings, TracedDeviceConstantsThatDifferFromTheWeights) {
-  torch::jit::Module fc("__torch__.Fc");
-  fc.register_attribute("training", c10::BoolType::get(), false);
-  fc.register_parameter("weight", torch::randn({4, 4}), false);
   // A traced export made on a GPU bakes its device into constants like this one.
-  fc.define("def forward(self, x):\n  return torch.linear(x, self.weight) + torch.zeros([4], device=torch.device('cuda:0'))\n");
-  torch::jit::Module root("__torch__.Root");
-  root.register_attribute("training", c10::BoolType::get(), false);
-  root.register_module("fc", fc);
-  root.define("def forward(self, x):\n  return self.fc.forward(x)\n");
+  torch::jit::Module root = peft_test::model_with_fc(
+      {{"weight", torch::randn({4, 4})}}, "torch.linear(x, self.weight) + torch.zeros([4], device=torch.device('cuda:0'))");
   testing::internal::CaptureStderr();
   peft::get_peft_model(root, peft::LoraConfig().r(2).target_modules({"fc"}));
   EXPECT_THAT(testing::internal::GetCapturedStderr(), ::testing::HasSubstr("hard-codes device cuda:0 but the weights are on cpu"));

@@ -131,17 +131,7 @@ TEST(PromptTuning, InitFromTokenIdsAndKeepPositions) {
 }
 
 /// A TorchScript model with one linear layer and no transformer structure.
-torch::jit::Module linear_only() {
-  torch::jit::Module fc("__torch__.Fc");
-  fc.register_attribute("training", c10::BoolType::get(), false);
-  fc.register_parameter("weight", torch::randn({4, 4}), false);
-  fc.define("def forward(self, x):\n  return torch.linear(x, self.weight)\n");
-  torch::jit::Module root("__torch__.Root");
-  root.register_attribute("training", c10::BoolType::get(), false);
-  root.register_module("fc", fc);
-  root.define("def forward(self, x):\n  return self.fc.forward(x)\n");
-  return root;
-}
+torch::jit::Module linear_only() { return peft_test::model_with_fc({{"weight", torch::randn({4, 4})}}, "torch.linear(x, self.weight)"); }
 
 TEST(PromptPrefixErrors, ModelsWithoutWhatTheMethodNeeds) {
   auto expect_model_error = [](const peft::PeftConfig& cfg, const char* fragment) {
