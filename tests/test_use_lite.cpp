@@ -8,6 +8,7 @@
 
 #include <peft/peft.h>
 
+#include "common/spam_data.h"
 #include "common/use_tokenizer.h"
 #include "fixtures.h"
 
@@ -80,6 +81,44 @@ TEST(UseLiteModel, PrefixAndPromptTuningFitItsLayers) {
     }
     EXPECT_LT(losses.back(), losses.front()) << name;
   }
+}
+
+// ----------------------------------------------------------- SpamAssassin
+TEST(SpamAssassin, DecodesWhatEmailsEncode) {
+  namespace mail = peft_examples::mail;
+  EXPECT_EQ(mail::decode_quoted_printable("caf=C3=A9 cost=3D5 =\nnext"), "caf\xC3\xA9 cost=5 next");
+  EXPECT_EQ(mail::decode_base64("aGVsbG8g\nd29ybGQ="), "hello world");
+  EXPECT_EQ(mail::collapse_whitespace(mail::strip_html("<style>p{}</style><p>Buy &amp; save</p>")), "Buy & save");
+  EXPECT_EQ(mail::header("Subject: Free\n money\nFrom: x", "subject"), " Free money");
+  const std::string raw =
+      "Subject: Offer\nContent-Type: multipart/alternative; boundary=\"b1\"\n\n"
+      "--b1\nContent-Type: text/html\n\n<b>html version</b>\n"
+      "--b1\nContent-Type: text/plain\nContent-Transfer-Encoding: base64\n\ncGxhaW4gdmVyc2lvbg==\n--b1--\n";
+  EXPECT_EQ(peft_examples::email_text(raw, 100), "Offer\nplain version");
+  EXPECT_EQ(peft_examples::email_text(raw, 8), "Offer\npl");
+}
+
+TEST(SpamAssassin, CorpusIsDeduplicatedAndSplitDeterministically) {
+  const auto dir = std::filesystem::path(PEFT_ASSETS_DIR) / "spam-assassin";
+  const auto corpus = peft_examples::load_spam_assassin(dir);
+  EXPECT_EQ(corpus.loaded, 6046u);
+  const size_t kept = corpus.train.size() + corpus.validation.size() + corpus.test.size();
+  EXPECT_EQ(kept, 5875u);  // identical bodies dropped
+  EXPECT_EQ(corpus.loaded - corpus.duplicates, kept);
+  size_t spam = 0;
+  for (const auto* split : {&corpus.train, &corpus.validation, &corpus.test})
+    for (const auto& e : *split) {
+      spam += static_cast<size_t>(e.label);
+      EXPECT_FALSE(e.text.empty());
+    }
+  EXPECT_GT(spam, 1700u);  // 1,896 spam before de-duplication
+  EXPECT_NEAR(static_cast<double>(corpus.train.size()) / kept, 0.8, 0.02);
+  EXPECT_NEAR(static_cast<double>(corpus.test.size()) / kept, 0.1, 0.02);
+  const auto again = peft_examples::load_spam_assassin(dir);
+  ASSERT_EQ(again.test.size(), corpus.test.size());
+  for (size_t i = 0; i < corpus.test.size(); ++i) EXPECT_EQ(again.test[i].text, corpus.test[i].text);
+  peft_test::expect_error<peft::FileError>([] { peft_examples::load_spam_assassin("/nonexistent"); },
+                                           {"/nonexistent/data", "fetch_assets.sh"});
 }
 
 TEST(UseLiteTokenizer, MissingVocabularyIsAFileError) {
