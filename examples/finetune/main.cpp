@@ -9,6 +9,8 @@
 #include <fmt/format.h>
 #include <peft/peft.h>
 
+#include <sys/resource.h>
+
 #include <chrono>
 #include <random>
 #include <fstream>
@@ -215,12 +217,21 @@ int main(int argc, char** argv) {
   if (peft_model) peft_model->save_pretrained(std::filesystem::path(out) / "adapter");
   peft::io::save_safetensors(std::filesystem::path(out) / "head.safetensors",
                              {{"weight", head->weight}, {"bias", head->bias}});
-  nlohmann::json metrics{{"method", method},         {"trainable_params", trainable}, {"all_params", total},
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const double peak_rss_mib = usage.ru_maxrss / 1024.0;
+  uint64_t adapter_bytes = 0;
+  for (const auto& f : std::filesystem::recursive_directory_iterator(out))
+    if (f.is_regular_file() && f.path().extension() == ".safetensors") adapter_bytes += f.file_size();
+  nlohmann::json metrics{{"method", method},         {"peak_rss_mib", peak_rss_mib}, {"saved_bytes", adapter_bytes},         {"trainable_params", trainable}, {"all_params", total},
                          {"epochs", epochs},         {"seconds_per_epoch", train_seconds / epochs},
                          {"test_accuracy", m.accuracy}, {"test_precision", m.precision},
                          {"test_recall", m.recall},  {"test_f1", m.f1}};
   for (const auto& e : per_epoch) metrics["validation_accuracy"].push_back(e.accuracy);
   peft::io::write_file_atomic(std::filesystem::path(out) / "metrics.json", metrics.dump(2) + "\n");
   fmt::print("wrote {}/{{adapter/, head.safetensors, metrics.json, loss.csv}}\n", out);
+  // One row of docs/results.md (benchmarks/results.sh collects them).
+  fmt::print("RESULT | {} | {} ({:.2f} %) | {:.4f} | {:.4f} | {:.0f} s | {:.0f} MiB | {:.1f} KiB |\n", method, trainable,
+             100.0 * trainable / total, m.accuracy, m.f1, train_seconds / epochs, peak_rss_mib, adapter_bytes / 1024.0);
   return 0;
 }
