@@ -73,9 +73,4 @@ inline void print_trainable_parameters(const torch::nn::Module& module) {
   fmt::print("{}\n", format_trainable_parameters(count_parameters(module)));
 }
 
-/// Sets requires_grad on every parameter of `module` (and its submodules).
-inline void set_requires_grad(torch::nn::Module& module, bool requires_grad) {
-  for (auto& p : module.parameters()) p.set_requires_grad(requires_grad);
-}
-
 }  // namespace peft

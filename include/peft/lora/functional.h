@@ -6,6 +6,7 @@
 #include <peft/core/error.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace peft {
@@ -32,11 +33,9 @@ struct LoraFuncOptions {
 
 namespace detail {
 
-inline std::vector<int64_t> enabled_indices(const std::vector<bool>& slices) {
-  std::vector<int64_t> idx;
-  for (size_t i = 0; i < slices.size(); ++i)
-    if (slices[i]) idx.push_back(static_cast<int64_t>(i));
-  return idx;
+/// How many slices carry LoRA.
+inline int64_t enabled_count(const std::vector<bool>& slices) {
+  return static_cast<int64_t>(std::count(slices.begin(), slices.end(), true));
 }
 
 /// Joins the fused output along `dim`: the enabled slices from `enabled` in
@@ -62,7 +61,7 @@ inline torch::Tensor lora_delta_weight(const torch::Tensor& A, const torch::Tens
   if (slices.empty()) {
     delta = torch::matmul(B, A);
   } else {
-    const auto k = static_cast<int64_t>(detail::enabled_indices(slices).size());
+    const auto k = detail::enabled_count(slices);
     auto A_parts = A.chunk(k, 0);
     auto B_parts = B.chunk(k, 0);
     std::vector<torch::Tensor> pieces;
@@ -79,7 +78,7 @@ inline torch::Tensor lora_branch(const torch::Tensor& x, const torch::Tensor& A,
   torch::Tensor after_A = torch::matmul(x, A.t());
   const auto& slices = options.enable_slices();
   if (slices.empty()) return torch::matmul(after_A, B.t()) * options.scaling();
-  const auto k = static_cast<int64_t>(detail::enabled_indices(slices).size());
+  const auto k = detail::enabled_count(slices);
   auto A_out = after_A.chunk(k, -1);
   auto B_parts = B.chunk(k, 0);
   std::vector<torch::Tensor> pieces;
