@@ -13,7 +13,9 @@
 
 #include <chrono>
 #include <random>
+#include <cstdlib>
 #include <fstream>
+#include <iomanip>
 
 #include "common/spam_data.h"
 #include "common/threads.h"
@@ -99,6 +101,17 @@ Metrics evaluate(const std::function<torch::Tensor(const Batch&)>& logits_of, co
   return m;
 }
 
+/// Draws loss.csv into loss.png when gnuplot is installed; returns whether it did.
+bool plot_loss_curve(const std::filesystem::path& dir) {
+  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) return false;
+  const auto csv = (dir / "loss.csv").string(), png = (dir / "loss.png").string();
+  const std::string script = fmt::format(
+      "set terminal png size 900,500; set output '{}'; set datafile separator ','; set key autotitle columnhead; "
+      "set xlabel 'step'; set ylabel 'training loss'; set logscale y; plot '{}' using 1:3 with lines lw 1",
+      png, csv);
+  return std::system(fmt::format("gnuplot -e \"{}\"", script).c_str()) == 0;
+}
+
 std::string clock_time(double seconds) {
   const auto s = static_cast<int64_t>(seconds);
   return fmt::format("{}:{:02d}", s / 60, s % 60);
@@ -177,6 +190,7 @@ int main(int argc, char** argv) {
 
   std::filesystem::create_directories(out);
   std::ofstream curve(std::filesystem::path(out) / "loss.csv");
+  curve << std::setprecision(6);
   curve << "step,epoch,loss\n";
   auto set_train = [&](bool on) {
     peft_model ? peft_model->train(on) : base.train(on);
@@ -229,7 +243,9 @@ int main(int argc, char** argv) {
                          {"test_recall", m.recall},  {"test_f1", m.f1}};
   for (const auto& e : per_epoch) metrics["validation_accuracy"].push_back(e.accuracy);
   peft::io::write_file_atomic(std::filesystem::path(out) / "metrics.json", metrics.dump(2) + "\n");
-  fmt::print("wrote {}/{{adapter/, head.safetensors, metrics.json, loss.csv}}\n", out);
+  curve.close();
+  const bool plotted = plot_loss_curve(out);
+  fmt::print("wrote {}/{{adapter/, head.safetensors, metrics.json, loss.csv{}}}\n", out, plotted ? ", loss.png" : "");
   // One row of docs/results.md (benchmarks/results.sh collects them).
   fmt::print("RESULT | {} | {} ({:.2f} %) | {:.4f} | {:.4f} | {:.0f} s | {:.0f} MiB | {:.1f} KiB |\n", method, trainable,
              100.0 * trainable / total, m.accuracy, m.f1, train_seconds / epochs, peak_rss_mib, adapter_bytes / 1024.0);

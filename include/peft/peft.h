@@ -17,10 +17,12 @@
 #include <peft/lora/options.h>
 #include <peft/prefix/prefix.h>
 #include <peft/prompt/prompt.h>
+#include <peft/quant/nf4.h>
 
 #include <peft/core/match.h>
 #include <peft/lora/config.h>
 #include <peft/peft_model.h>
+#include <peft/quant/inject.h>
 
 #include <peft/io/checkpoint.h>
 #include <peft/io/pretrained.h>

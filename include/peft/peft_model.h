@@ -62,8 +62,9 @@ class PeftModel {
     std::vector<jit::TrainableCopy> copies;
   };
 
+  /// QLoRA (LoraConfig::quantize_base) quantises `base` in place first.
   PeftModel(torch::jit::Module base, const PeftConfig& config, const std::string& adapter_name = "default")
-      : PeftModel(std::move(base)) {
+      : PeftModel(quantized_base(std::move(base), config)) {
     add_adapter(adapter_name, config);
   }
 
@@ -91,6 +92,11 @@ class PeftModel {
     check<OptionError>(adapters_.empty() || (!is_prompt_learning(config) && !is_prompt_learning(adapters_[0].config)),
                        "adapter '{}': prompt and prefix tuning adapters cannot be combined with other adapters", name);
     check<OptionError>(!merged_, "adapter '{}': unmerge_adapter() before adding adapters", name);
+    const auto* lora = std::get_if<LoraConfig>(&config);
+    check<OptionError>(adapters_.empty() || !lora || !lora->quantize_base(),
+                       "adapter '{}': LoraConfig.quantize_base applies to the first adapter, which quantises the base "
+                       "model; later adapters use the quantised base as it is",
+                       name);
     const bool needs_boundaries = std::holds_alternative<AdapterConfig>(config);
     const bool boundaries_gone = std::any_of(adapters_.begin(), adapters_.end(), [](const Adapter& a) {
       return !std::holds_alternative<AdapterConfig>(a.config);
@@ -221,6 +227,7 @@ class PeftModel {
     for (const auto& p : adapted_.parameters())
       if (seen.insert(p.unsafeGetTensorImpl()).second) count.total += p.numel();
     for (const auto& p : trainable_parameters()) count.trainable += p.numel();
+    count.total += nf4::footprint(adapted_).weights;  // 4-bit weights count as the weights they stand for
     return count;
   }
 
@@ -267,7 +274,7 @@ class PeftModel {
 
   /// Undoes merge_adapter(), restoring the base weights (up to fp rounding).
   void unmerge_adapter() {
-    for (auto& a : adapters_) a.tuner->unmerge();
+    for (auto a = adapters_.rbegin(); a != adapters_.rend(); ++a) a->tuner->unmerge();
     merged_ = false;
   }
 
@@ -306,6 +313,26 @@ class PeftModel {
 
  private:
   explicit PeftModel(torch::jit::Module base) : base_(std::move(base)), adapted_(jit::Injection::adapted_clone(base_)) {}
+
+  /// `base`, with the layers a QLoRA config names quantised to NF4 (in place).
+  static torch::jit::Module quantized_base(torch::jit::Module base, const PeftConfig& config) {
+    const auto* lora = std::get_if<LoraConfig>(&config);
+    if (!lora || !lora->quantize_base()) return base;
+    const NF4Config& nf4 = *lora->quantize_base();
+    std::vector<std::string> layers;
+    if (nf4.quantize_all_linear()) {
+      for (const auto& name : nf4::linear_layers(base))
+        if (std::none_of(lora->modules_to_save().begin(), lora->modules_to_save().end(),
+                         [&](const std::string& key) { return TargetModules::matches_key(name, key); }))
+          layers.push_back(name);
+    } else {
+      auto graph = jit::inlined_copy(*jit::method_graph(base, "forward"), nullptr, jit::Injection::is_peft_call);
+      for (const auto& entry : jit::select_linear_targets(*graph, base, lora->rule(), "LoraConfig"))
+        layers.push_back(entry.first);
+    }
+    nf4::quantize_linear_layers(base, layers, nf4);
+    return base;
+  }
 
   Adapter* find(const std::string& name) {
     for (auto& a : adapters_)

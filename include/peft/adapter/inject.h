@@ -111,7 +111,7 @@ class Tuner : public jit::Tuner {
   void collect_calls(jit::Injection& injection, std::vector<std::string>& called) {
     jit::inlined_copy(
         injection.graph(), [&](jit::Node*, const std::string& path) { called.push_back(path); },
-        jit::Injection::is_adapter_call);
+        jit::Injection::is_peft_call);
   }
 
   /// Calls of earlier bottleneck adapters' layers, by the submodule they follow

@@ -39,13 +39,18 @@ struct ParameterCount {
   int64_t total = 0;
 };
 
-/// Counts the parameters of `module` (elements, not tensors).
+/// Counts the parameters of `module` (elements, not tensors). An NF4 weight
+/// (buffer `*nf4_packed`, two 4-bit values per byte) counts as 2 per byte, as HF peft counts.
 inline ParameterCount count_parameters(const torch::nn::Module& module) {
   ParameterCount count;
   for (const auto& p : module.parameters()) {
     count.total += p.numel();
     if (p.requires_grad()) count.trainable += p.numel();
   }
+  const std::string packed = "nf4_packed";
+  for (const auto& b : module.named_buffers())
+    if (b.key().size() >= packed.size() && b.key().compare(b.key().size() - packed.size(), packed.size(), packed) == 0)
+      count.total += 2 * b.value().numel();
   return count;
 }
 

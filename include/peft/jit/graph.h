@@ -118,6 +118,13 @@ inline Node* insert_method_call(Node* anchor, const std::vector<std::string>& pa
   return call;
 }
 
+/// Inserts `value.to(dtype)` before `anchor`; returns the converted value.
+inline Value* insert_cast(Node* anchor, Value* value, c10::ScalarType dtype) {
+  Graph& graph = *anchor->owningGraph();
+  torch::jit::WithInsertPoint guard(anchor);
+  return graph.insert(c10::aten::to, {value, static_cast<int64_t>(dtype)});
+}
+
 /// Makes `replacement` the value every user of `original` sees, except `call` itself.
 inline void reroute_uses(Value* original, Node* call, Value* replacement) {
   original->replaceAllUsesWith(replacement);

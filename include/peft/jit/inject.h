@@ -43,6 +43,8 @@ struct TrainableCopy {
 class Injection {
  public:
   static constexpr const char* kContainer = "peft_adapters";
+  /// The root attribute holding NF4-quantised base weights (quant/inject.h).
+  static constexpr const char* kQuantContainer = "peft_nf4";
   /// Shapes the per-sample mask [B] to broadcast over a [B, ...] tensor.
   static constexpr const char* kMaskLike =
       "def mask_like(self, t: Tensor) -> Tensor:\n"
@@ -76,11 +78,10 @@ class Injection {
   }
 
   /// Whether `call` runs an adapter layer (of this or an earlier adapter).
-  static bool is_adapter_call(Node* call) {
-    if (call->kind() != c10::prim::CallMethod) return false;
-    auto path = module_path(call->input(0));
-    return path && path->rfind(kContainer, 0) == 0;
-  }
+  static bool is_adapter_call(Node* call) { return calls_into(call, kContainer); }
+
+  /// Whether `call` is one inlining keeps: an adapter layer or a quantised weight.
+  static bool is_peft_call(Node* call) { return calls_into(call, kContainer) || calls_into(call, kQuantContainer); }
 
   torch::jit::Module& model() { return model_; }
   Graph& graph() { return *graph_; }
@@ -90,7 +91,7 @@ class Injection {
 
   /// Inlines forward completely; `on_call` sees each submodule call first.
   void inline_all(const CallHook& on_call = nullptr) {
-    inline_calls(*graph_, on_call, is_adapter_call);
+    inline_calls(*graph_, on_call, is_peft_call);
     simplify(graph_);
   }
 
@@ -191,11 +192,17 @@ class Injection {
   }
 
  private:
+  static bool calls_into(Node* call, const char* container) {
+    if (call->kind() != c10::prim::CallMethod) return false;
+    auto path = module_path(call->input(0));
+    return path && path->rfind(std::string(container) + ".", 0) == 0;
+  }
+
   /// Traced exports bake the tracing device into constants (e.g. masks made with
   /// device="cpu"); say so when the weights now live elsewhere.
   void warn_about_baked_devices() const {
     const c10::Device weights = (*model_.parameters().begin()).device();
-    auto scratch = inlined_copy(*graph_, nullptr, is_adapter_call);
+    auto scratch = inlined_copy(*graph_, nullptr, is_peft_call);
     std::set<std::string> baked;
     for_each_node(scratch->block(), [&](Node* n) {
       if (n->kind() != c10::prim::Constant || n->output()->type()->kind() != c10::TypeKind::DeviceObjType) return;

@@ -6,6 +6,7 @@
 #include <peft/core/error.h>
 #include <peft/core/match.h>
 #include <peft/jit/graph.h>
+#include <peft/jit/inject.h>
 
 #include <map>
 #include <string>
@@ -19,7 +20,7 @@ struct LinearSite {
   std::string module;          ///< dotted path of the module owning the weight
   Value* input = nullptr;      ///< x
   Value* output = nullptr;     ///< the layer's result (after the bias add)
-  Value* weight = nullptr;     ///< the GetAttr read of the weight
+  Value* weight = nullptr;     ///< the weight: its GetAttr read, or the dequantising call of an NF4 weight
   Value* bias = nullptr;       ///< the bias read, or nullptr
   Node* first = nullptr;       ///< the node consuming x (where input scaling goes)
   bool fan_in_fan_out = false; ///< weight stored [in, out] (x @ W + b)
@@ -34,9 +35,27 @@ inline Value* bias_of(Value* value, const std::string& module) {
   return attr && attr->first == module && attr->second == "bias" ? value : nullptr;
 }
 
-/// The weight tensor of a linear site, to read its shape.
-inline torch::Tensor weight_tensor(const torch::jit::Module& root, const std::string& module) {
-  return submodule(root, module).attr("weight").toTensor();
+/// The module whose weight `value` is: a `weight` read, or the call that
+/// dequantises an NF4 weight (`self.peft_nf4.<key>.weight()`).
+inline std::optional<std::string> weight_owner(Value* value) {
+  auto attr = attribute_of(value);
+  if (attr) return attr->second == "weight" ? std::optional<std::string>(attr->first) : std::nullopt;
+  Node* call = value->node();
+  if (call->kind() != c10::prim::CallMethod || call->s(c10::attr::name) != "weight") return std::nullopt;
+  auto path = module_path(call->input(0));
+  const std::string prefix = std::string(Injection::kQuantContainer) + ".";
+  if (!path || path->rfind(prefix, 0) != 0) return std::nullopt;
+  return Injection::layer_target(path->substr(prefix.size()));
+}
+
+/// The shape of the weight of `module` (an NF4 weight keeps its shape in its module).
+inline std::vector<int64_t> weight_sizes(const torch::jit::Module& root, const std::string& module) {
+  if (root.hasattr(Injection::kQuantContainer)) {
+    torch::jit::Module quantized = root.attr(Injection::kQuantContainer).toModule();
+    const std::string key = Injection::layer_key(module);
+    if (quantized.hasattr(key)) return quantized.attr(key).toModule().attr("shape").toIntVector();
+  }
+  return submodule(root, module).attr("weight").toTensor().sizes().vec();
 }
 
 }  // namespace detail
@@ -56,19 +75,19 @@ inline std::vector<LinearSite> find_linear_sites(Graph& graph, const torch::jit:
     check<ModelError>(!(linear && is_tensor_constant(w)),
                       "the model's linear weights are constants in the graph: a frozen or optimised export "
                       "(torch.jit.freeze / optimize_for_inference) cannot be adapted; export the unfrozen module");
-    auto attr = attribute_of(w);
-    if (!attr || attr->second != "weight") return;
+    auto owner = detail::weight_owner(w);
+    if (!owner) return;
     LinearSite site;
-    site.module = attr->first;
+    site.module = *owner;
     site.weight = w;
     site.first = n;
     site.input = n->input(addmm ? 1 : 0);
     site.output = n->output();
-    torch::Tensor W = detail::weight_tensor(root, site.module);
-    if (W.dim() != 2) return;
+    const auto W = detail::weight_sizes(root, site.module);
+    if (W.size() != 2) return;
     site.fan_in_fan_out = !linear;
-    site.in_features = linear ? W.size(1) : W.size(0);
-    site.out_features = linear ? W.size(0) : W.size(1);
+    site.in_features = linear ? W[1] : W[0];
+    site.out_features = linear ? W[0] : W[1];
     if (linear && n->input(2)->type()->kind() != c10::TypeKind::NoneType) site.bias = n->input(2);
     if (addmm) site.bias = detail::bias_of(n->input(0), site.module);
     if (matmul && n->output()->uses().size() == 1) {

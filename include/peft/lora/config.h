@@ -4,6 +4,7 @@
 
 #include <peft/core/match.h>
 #include <peft/lora/options.h>
+#include <peft/quant/nf4.h>
 
 #include <map>
 #include <string>
@@ -50,6 +51,9 @@ struct LoraConfig {
   /// Per-slice LoRA on fused projections: key as in rank_pattern, value one flag
   /// per equal output slice, e.g. {"c_attn", {true, false, true}} for q and v of GPT-2.
   TORCH_ARG(SlicePattern, slice_pattern) = {};
+  /// QLoRA: the targeted (or, with NF4Config::quantize_all_linear, every) frozen
+  /// linear layer's weight is quantised to NF4 in the base model, in place.
+  TORCH_ARG(c10::optional<NF4Config>, quantize_base) = c10::nullopt;
 
  public:  // TORCH_ARG leaves the section private
   /// The module-selection fields.

@@ -9,6 +9,7 @@
 #include <peft/lora/config.h>
 #include <peft/lora/functional.h>
 #include <peft/lora/module.h>
+#include <peft/quant/inject.h>
 
 #include <fmt/format.h>
 
@@ -55,11 +56,11 @@ inline std::string layer_source(const LoraOptions& o, bool fan_in_fan_out) {
   return signature +
          "    if self.merged or not self.active:\n"
          "        return y\n"
-         "    h = torch.dropout(x, self.lora_dropout, self.training)\n" +
+         "    h = torch.dropout(x.to(self.lora_A.dtype), self.lora_dropout, self.training)\n" +
          body +
          "    if self.use_sample_mask:\n"
          "        branch = branch * self.mask_like(branch)\n"
-         "    return y + branch\n";
+         "    return y + branch.to(y.dtype)\n";
 }
 
 /// One injected LoRA layer and what merging needs.
@@ -68,6 +69,9 @@ struct Layer {
   LoraOptions options;
   bool fan_in_fan_out;
   torch::Tensor dora_scale;  // m/‖W + ΔW‖ at merge time
+  c10::optional<torch::jit::Module> nf4;  // QLoRA: the base weight's NF4 module
+  nf4::Quantized before_merge;            // QLoRA, re-quantising merge: the state to restore
+  bool requantize_on_merge = false;
 };
 
 /// LoRA on the targeted linear layers of an Injection.
@@ -92,30 +96,32 @@ class Tuner : public jit::Tuner {
     torch::NoGradGuard no_grad;
     for (auto& l : layers_) {
       if (l.layer.module.attr("merged").toBool()) continue;
-      torch::Tensor W = weight(l);
-      torch::Tensor delta = delta_weight(l);
-      if (l.options.use_dora()) {
-        torch::Tensor m = l.layer.module.attr("lora_magnitude_vector").toTensor();
-        l.dora_scale = m / functional::dora_weight_norm(W, factor(l, "lora_A"), factor(l, "lora_B"), func(l));
-        torch::Tensor scale = l.fan_in_fan_out ? l.dora_scale.unsqueeze(0) : l.dora_scale.unsqueeze(1);
-        W.copy_((W + delta) * scale);
+      if (l.nf4) {
+        merge_quantized(l);
       } else {
-        W.add_(delta);
+        torch::Tensor W = weight(l);
+        W.copy_(merged_weight(l, W));
       }
       jit::set_flag(l.layer, "merged", true);
     }
   }
 
+  /// Undoes merge() in reverse order (re-quantised NF4 weights are restored exactly).
   void unmerge() override {
     torch::NoGradGuard no_grad;
-    for (auto& l : layers_) {
+    for (auto it = layers_.rbegin(); it != layers_.rend(); ++it) {
+      Layer& l = *it;
       if (!l.layer.module.attr("merged").toBool()) continue;
-      torch::Tensor W = weight(l);
-      if (l.options.use_dora()) {
-        torch::Tensor scale = l.fan_in_fan_out ? l.dora_scale.unsqueeze(0) : l.dora_scale.unsqueeze(1);
-        W.copy_(W / scale - delta_weight(l));
+      if (l.nf4 && l.requantize_on_merge) {
+        nf4::overwrite(*l.nf4, l.before_merge);
+      } else if (l.nf4) {
+        nf4::set_dense(*l.nf4, torch::Tensor());
       } else {
-        W.sub_(delta_weight(l));
+        torch::Tensor W = weight(l);
+        if (l.options.use_dora())
+          W.copy_(W / dora_scale_of_weight(l) - delta_weight(l));
+        else
+          W.sub_(delta_weight(l));
       }
       jit::set_flag(l.layer, "merged", false);
     }
@@ -144,7 +150,37 @@ class Tuner : public jit::Tuner {
       jit::Value* adapted = injection.call(layer, use.output->node(), args, /*after=*/true);
       jit::reroute_uses(use.output, adapted->node(), adapted);
     }
-    layers_.push_back({layer, options, site.fan_in_fan_out, {}});
+    layers_.push_back({layer, options, site.fan_in_fan_out, {}, nf4::weight_module(model_, target), {},
+                       config.quantize_base() && config.quantize_base()->requantize_on_merge()});
+  }
+
+  /// W + ΔW (DoRA: (W + ΔW)·m/‖W + ΔW‖, remembering the scale to unmerge).
+  torch::Tensor merged_weight(Layer& l, const torch::Tensor& W) {
+    if (!l.options.use_dora()) return W + delta_weight(l);
+    torch::Tensor m = l.layer.module.attr("lora_magnitude_vector").toTensor();
+    l.dora_scale = m / functional::dora_weight_norm(W, factor(l, "lora_A"), factor(l, "lora_B"), func(l));
+    return (W + delta_weight(l)) * dora_scale_of_weight(l);
+  }
+  /// The DoRA scale shaped to multiply the weight (rows, or columns with fan_in_fan_out).
+  torch::Tensor dora_scale_of_weight(const Layer& l) const {
+    return l.fan_in_fan_out ? l.dora_scale.unsqueeze(0) : l.dora_scale.unsqueeze(1);
+  }
+
+  /// QLoRA: the merged weight dense in the compute dtype, or re-quantised to NF4 (lossy).
+  void merge_quantized(Layer& l) {
+    const nf4::Quantized q = nf4::state(*l.nf4);
+    torch::Tensor merged = merged_weight(l, nf4::current_weight(*l.nf4, torch::kFloat));
+    if (!l.requantize_on_merge) {
+      nf4::set_dense(*l.nf4, merged.to(q.dtype));
+      return;
+    }
+    l.before_merge = q;
+    for (auto* t : {&l.before_merge.packed, &l.before_merge.absmax, &l.before_merge.nested_absmax, &l.before_merge.nested_offset})
+      if (t->defined()) *t = t->clone();
+    nf4::overwrite(*l.nf4, nf4::quantize(merged, NF4Config().blocksize(q.blocksize).double_quant(q.double_quant())));
+    const double error = (nf4::current_weight(*l.nf4, torch::kFloat) - merged).abs().max().item<double>();
+    fmt::print(stderr, "peft: warning: merging LoRA into the NF4 weight of {} re-quantises it: max |error| {:.3g}\n",
+               l.layer.target, error);
   }
 
   /// A, B (and DoRA's magnitude) on the weight's device and dtype; PiSSA rewrites the base weight.
@@ -152,7 +188,11 @@ class Tuner : public jit::Tuner {
                                                                          const jit::LinearSite& site,
                                                                          const LoraOptions& options) {
     torch::NoGradGuard no_grad;
-    torch::Tensor W = jit::base_tensor(model_, target, "weight");
+    const auto quantized = nf4::weight_module(model_, target);
+    check<OptionError>(!quantized || options.init() != LoraInit::PiSSA,
+                       "LoraConfig target '{}': LoraInit::PiSSA rewrites the base weight, which is NF4-quantised", target);
+    torch::Tensor W = quantized ? nf4::current_weight(*quantized, nf4::source_dtype(*quantized))
+                                : jit::base_tensor(model_, target, "weight");
     torch::Tensor W_out_in = site.fan_in_fan_out ? W.t() : W;
     // The native module owns the initialisation rules; its factors are taken over.
     torch::nn::Linear probe(torch::nn::LinearOptions(site.in_features, site.out_features).bias(false));

@@ -5,7 +5,10 @@
 #include <peft/core/shape.h>
 #include <peft/lora/functional.h>
 #include <peft/lora/options.h>
+#include <peft/quant/nf4.h>
 #include <torch/torch.h>
+
+#include <fmt/format.h>
 
 #include <cmath>
 #include <ostream>
@@ -51,44 +54,64 @@ class LoRALinearImpl : public torch::nn::Module {
                        "LoRALinear: LoraOptions.fan_in_fan_out is for weights stored [in, out] (GPT-2 Conv1D); "
                        "torch::nn::Linear stores [out, in]");
     for (auto& p : base->parameters()) p.set_requires_grad(false);
+    if (options_.quantize_base()) quantize_base(*options_.quantize_base());
     init_factors(in, out);
   }
 
   torch::Tensor forward(const torch::Tensor& x) {
-    check_last_dim(x, base->weight.size(1), "LoRALinear");
+    check_last_dim(x, in_features(), "LoRALinear");
+    if (quantized_) return quantized_forward(x);
     if (merged_) return base->forward(x);
     if (options_.use_dora())
       return functional::dora(x, base->weight, base->bias, lora_A, lora_B, lora_magnitude_vector, func_options());
     return functional::lora(x, base->weight, base->bias, lora_A, lora_B, func_options());
   }
 
+  /// The frozen weight forward uses: the base's, or the dequantised NF4 weight (QLoRA).
+  torch::Tensor base_weight() const {
+    if (!quantized_ || (merged_ && !requantized_)) return base->weight;
+    return nf4::dequantize(*quantized_);
+  }
+
+  /// QLoRA: the NF4 state of the base weight (nullopt when not quantised).
+  const c10::optional<nf4::Quantized>& quantized() const { return quantized_; }
+
   /// The current update ΔW = scaling·B·A, shaped like the base weight.
   torch::Tensor delta_weight() const { return functional::lora_delta_weight(lora_A, lora_B, func_options()); }
 
   /// Folds the update into the base weight; forward then costs what the base costs.
-  /// Merging twice is a no-op.
+  /// QLoRA: the merged weight is kept dense (or re-quantised, with
+  /// NF4Config::requantize_on_merge). Merging twice is a no-op.
   void merge() {
     if (merged_) return;
     torch::NoGradGuard no_grad;
-    torch::Tensor& W = base->weight;
-    if (options_.use_dora()) {
+    if (quantized_) {
+      merge_quantized();
+    } else if (options_.use_dora()) {
+      torch::Tensor& W = base->weight;
       dora_scale_ = lora_magnitude_vector / functional::dora_weight_norm(W, lora_A, lora_B, func_options());
       W.copy_((W + delta_weight()) * dora_scale_.unsqueeze(1));
     } else {
-      W.add_(delta_weight());
+      base->weight.add_(delta_weight());
     }
     merged_ = true;
   }
 
-  /// Restores the base weight (up to fp rounding). A no-op when not merged.
+  /// Restores the base weight (up to fp rounding; an NF4 base exactly). A no-op when not merged.
   void unmerge() {
     if (!merged_) return;
     torch::NoGradGuard no_grad;
     torch::Tensor& W = base->weight;
-    if (options_.use_dora())
+    if (requantized_) {
+      copy_state(*quantized_, before_merge_);
+      requantized_ = false;
+    } else if (quantized_) {
+      W.set_data(torch::empty({0}, W.options()));
+    } else if (options_.use_dora()) {
       W.copy_(W / dora_scale_.unsqueeze(1) - delta_weight());
-    else
+    } else {
       W.sub_(delta_weight());
+    }
     merged_ = false;
   }
 
@@ -96,9 +119,9 @@ class LoRALinearImpl : public torch::nn::Module {
   const LoraOptions& options() const { return options_; }
 
   void pretty_print(std::ostream& stream) const override {
-    stream << "peft::LoRALinear(in_features=" << base->weight.size(1) << ", out_features=" << base->weight.size(0)
+    stream << "peft::LoRALinear(in_features=" << in_features() << ", out_features=" << out_features()
            << ", r=" << options_.r() << ", scaling=" << options_.scaling() << (options_.use_dora() ? ", dora" : "")
-           << (merged_ ? ", merged" : "") << ")";
+           << (quantized_ ? ", nf4" : "") << (merged_ ? ", merged" : "") << ")";
   }
 
   torch::nn::Linear base{nullptr};
@@ -113,13 +136,74 @@ class LoRALinearImpl : public torch::nn::Module {
         .enable_slices(options_.enable_slices());
   }
 
+  int64_t in_features() const { return quantized_ ? quantized_->shape[1] : base->weight.size(1); }
+  int64_t out_features() const { return quantized_ ? quantized_->shape[0] : base->weight.size(0); }
+
+  /// QLoRA: the base weight moves into NF4 buffers (`base_nf4_packed`, ...) and the fp32 one is released.
+  void quantize_base(const NF4Config& config) {
+    check<OptionError>(options_.init() != LoraInit::PiSSA && options_.enable_slices().empty(),
+                       "LoRALinear: LoraInit::PiSSA and enable_slices cannot be combined with quantize_base");
+    quantized_ = nf4::quantize(base->weight, config);
+    register_buffer("base_nf4_packed", quantized_->packed);
+    register_buffer("base_nf4_absmax", quantized_->absmax);
+    if (quantized_->double_quant()) {
+      register_buffer("base_nf4_nested_absmax", quantized_->nested_absmax);
+      register_buffer("base_nf4_nested_offset", quantized_->nested_offset);
+    }
+    base->weight.set_data(torch::empty({0}, base->weight.options()));
+  }
+
+  /// QLoRA forward: the base in the compute dtype, the LoRA branch in the factors' dtype.
+  torch::Tensor quantized_forward(const torch::Tensor& x) {
+    if (merged_ && !requantized_) return base->forward(x);  // merged dense
+    torch::Tensor W = nf4::dequantize(*quantized_);
+    if (options_.use_dora() && !merged_)
+      return functional::dora(x, W.to(x.scalar_type()), base->bias, lora_A, lora_B, lora_magnitude_vector,
+                              func_options());
+    const auto compute = W.scalar_type();
+    torch::Tensor bias = base->bias.defined() ? base->bias.to(compute) : base->bias;
+    torch::Tensor y = torch::nn::functional::linear(x.to(compute), W, bias).to(x.scalar_type());
+    if (merged_) return y;  // re-quantised with the update folded in
+    torch::Tensor dropped = torch::nn::functional::dropout(
+        x, torch::nn::functional::DropoutFuncOptions().p(options_.dropout()).training(is_training() && options_.dropout() > 0));
+    return y + functional::lora_branch(dropped.to(lora_A.scalar_type()), lora_A, lora_B, func_options()).to(y.scalar_type());
+  }
+
+  void merge_quantized() {
+    nf4::Quantized fp32 = *quantized_;
+    fp32.dtype = torch::kFloat;
+    torch::Tensor W = nf4::dequantize(fp32);
+    torch::Tensor merged = W + delta_weight().to(torch::kFloat);
+    if (options_.use_dora()) {
+      dora_scale_ = lora_magnitude_vector / functional::dora_weight_norm(W, lora_A, lora_B, func_options());
+      merged = merged * dora_scale_.unsqueeze(1);
+    }
+    if (!options_.quantize_base()->requantize_on_merge()) {
+      base->weight.set_data(merged.to(lora_A.scalar_type()));
+      return;
+    }
+    before_merge_ = *quantized_;
+    for (auto* t : {&before_merge_.packed, &before_merge_.absmax, &before_merge_.nested_absmax, &before_merge_.nested_offset})
+      if (t->defined()) *t = t->clone();
+    copy_state(*quantized_, nf4::quantize(merged, NF4Config().blocksize(quantized_->blocksize).double_quant(quantized_->double_quant())));
+    requantized_ = true;
+    fmt::print(stderr, "peft: warning: LoRALinear merge re-quantises the NF4 base weight: max |error| {:.3g}\n",
+               (nf4::dequantize(*quantized_).to(torch::kFloat) - merged).abs().max().item<double>());
+  }
+
+  static void copy_state(nf4::Quantized& to, const nf4::Quantized& from) {
+    to.packed.copy_(from.packed);
+    to.absmax.copy_(from.absmax);
+    if (from.double_quant()) to.nested_absmax.copy_(from.nested_absmax), to.nested_offset.copy_(from.nested_offset);
+  }
+
   void init_factors(int64_t in, int64_t out) {
     torch::NoGradGuard no_grad;
     const auto& slices = options_.enable_slices();
     const int64_t n = slices.empty() ? 1 : static_cast<int64_t>(slices.size());
     const int64_t k = slices.empty() ? 1 : static_cast<int64_t>(std::count(slices.begin(), slices.end(), true));
     const int64_t r = options_.r();
-    const auto like = base->weight.options();
+    const auto like = base->weight.options();  // the source dtype, also under QLoRA
     torch::Tensor A = torch::zeros({r * k, in}, like), B = torch::zeros({out / n * k, r}, like);
     switch (options_.init()) {
       case LoraInit::Default: torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0)); break;
@@ -140,12 +224,16 @@ class LoRALinearImpl : public torch::nn::Module {
     lora_B = register_parameter("lora_B", B);
     if (options_.use_dora())
       lora_magnitude_vector = register_parameter(
-          "lora_magnitude_vector", functional::dora_weight_norm(base->weight, lora_A, lora_B, func_options()));
+          "lora_magnitude_vector",
+          functional::dora_weight_norm(base_weight().to(A.scalar_type()), lora_A, lora_B, func_options()));
   }
 
   LoraOptions options_;
   bool merged_ = false;
   torch::Tensor dora_scale_;  // DoRA: m/‖W + ΔW‖ at merge time, to unmerge exactly
+  c10::optional<nf4::Quantized> quantized_;  // QLoRA: the base weight in NF4
+  nf4::Quantized before_merge_;              // QLoRA, re-quantising merge: the state to restore
+  bool requantized_ = false;
 };
 
 /// Holder of LoRALinearImpl (see there).

@@ -3,6 +3,7 @@
 /// Options of the native LoRA modules (peft::LoRALinear, peft::LoRAEmbedding).
 
 #include <peft/core/error.h>
+#include <peft/quant/nf4.h>
 #include <torch/arg.h>
 
 #include <algorithm>
@@ -47,6 +48,8 @@ struct LoraOptions {
   /// Per-slice LoRA on a fused projection (e.g. q|k|v): one flag per equal
   /// slice of the output; LoRA only where true. Empty: the whole output.
   TORCH_ARG(std::vector<bool>, enable_slices) = {};
+  /// QLoRA (peft::LoRALinear): keep the frozen base weight in NF4, dequantised in forward.
+  TORCH_ARG(c10::optional<NF4Config>, quantize_base) = c10::nullopt;
 
  public:  // TORCH_ARG leaves the section private
   /// alpha/r, or alpha/√r with use_rslora.
@@ -63,6 +66,7 @@ struct LoraOptions {
     check<OptionError>(dropout_ >= 0.0 && dropout_ < 1.0, "{}: LoraOptions.dropout must be in [0, 1), got {}", where,
                        dropout_);
     check<OptionError>(std::isfinite(alpha_), "{}: LoraOptions.alpha must be finite, got {}", where, alpha_);
+    if (quantize_base_) quantize_base_->validate(where);
     if (enable_slices_.empty()) return;
     const auto n = static_cast<int64_t>(enable_slices_.size());
     check<OptionError>(out % n == 0, "{}: LoraOptions.enable_slices has {} slices, which does not divide the {} outputs",

@@ -96,13 +96,13 @@ class Tuner : public jit::Tuner {
       if (!jit::is_stack_block(injection.model(), path)) return;
       const std::string parent = path.substr(0, path.rfind('.'));
       if (blocks.empty() || blocks.front().substr(0, blocks.front().rfind('.')) == parent) blocks.push_back(path);
-    }, jit::Injection::is_adapter_call);
+    }, jit::Injection::is_peft_call);
     return blocks;
   }
 
   /// The embedding table applied to the first graph input (the token ids).
   static torch::Tensor input_embedding(jit::Injection& injection) {
-    auto scratch = jit::inlined_copy(injection.graph(), nullptr, jit::Injection::is_adapter_call);
+    auto scratch = jit::inlined_copy(injection.graph(), nullptr, jit::Injection::is_peft_call);
     jit::Value* ids = scratch->inputs().at(1);
     torch::Tensor table;
     // The ids may be clipped or cast first (input_ids[:, :max_len], .long(), ...).

@@ -1,0 +1,211 @@
+#pragma once
+/// @file
+/// 4-bit NormalFloat (NF4) blockwise quantisation, bit-compatible with
+/// bitsandbytes (Dettmers et al. 2023): the QLoRA base-weight format.
+///
+/// Layout (bitsandbytes' `quantize_4bit(quant_type="nf4")`): the flattened
+/// weight in blocks of `blocksize`, one fp32 absmax per block, each element
+/// x·(1/absmax) mapped to the nearest of 16 NF4 codes (by the midpoints, ties
+/// to the lower code), two indices per byte with the first element in the high
+/// nibble. Double quantisation (`compress_statistics=True`): offset =
+/// mean(absmax), and absmax − offset quantised blockwise (block 256) to 8 bits
+/// with bitsandbytes' signed dynamic map.
+
+#include <peft/core/error.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace peft {
+
+/// Options of NF4 quantisation (QLoRA's frozen base).
+///
+/// ```
+/// auto cfg = peft::LoraConfig().r(16).target_modules("all-linear")
+///                .quantize_base(peft::NF4Config().blocksize(64).double_quant(true));
+/// ```
+struct NF4Config {
+  /// Elements per absmax block: a power of two in [32, 4096] (bitsandbytes: 64).
+  TORCH_ARG(int64_t, blocksize) = 64;
+  /// Quantise the absmax values too (≈ 4.127 instead of 4.5 bits per weight at block 64).
+  TORCH_ARG(bool, double_quant) = true;
+  /// The dtype the weight is dequantised to and the layer computes in; the
+  /// weight's own dtype when unset (bitsandbytes' bnb_4bit_compute_dtype).
+  TORCH_ARG(c10::optional<torch::ScalarType>, compute_dtype) = c10::nullopt;
+  /// TorchScript models: quantise every frozen linear layer (but the output
+  /// head and modules_to_save), not only the LoRA targets.
+  TORCH_ARG(bool, quantize_all_linear) = false;
+  /// merge_adapter(): re-quantise W + ΔW to NF4 (lossy, warns) instead of
+  /// keeping the merged weight dense in the compute dtype.
+  TORCH_ARG(bool, requantize_on_merge) = false;
+
+ public:  // TORCH_ARG leaves the section private
+  /// Throws OptionError naming `where` for a block size or compute dtype bitsandbytes does not support.
+  void validate(const std::string& where) const {
+    const bool power_of_two = blocksize_ > 0 && (blocksize_ & (blocksize_ - 1)) == 0;
+    check<OptionError>(power_of_two && blocksize_ >= 32 && blocksize_ <= 4096,
+                       "{}: NF4Config.blocksize must be a power of two in [32, 4096], got {}", where, blocksize_);
+    if (compute_dtype_)
+      check<OptionError>(c10::isFloatingType(*compute_dtype_), "{}: NF4Config.compute_dtype must be a floating type, got {}",
+                         where, c10::toString(*compute_dtype_));
+  }
+};
+
+namespace nf4 {
+
+/// Block size of the double quantisation (fixed in bitsandbytes).
+constexpr int64_t kNestedBlocksize = 256;
+
+/// The 16 NF4 values (bitsandbytes' create_normal_map(offset=0.9677083)), ascending.
+inline torch::Tensor code() {
+  static const std::vector<float> values{
+      -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+      -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+      0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+      0.7229568362236023f, 1.0f};
+  return torch::tensor(values);
+}
+
+/// bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
+/// 256 ascending values in [-1, 1], for the double-quantised absmax.
+inline torch::Tensor dynamic_code() {
+  constexpr int64_t exponent_bits = 7;
+  std::vector<float> data;
+  for (int64_t i = 0; i < exponent_bits; ++i) {
+    const int64_t fraction_items = (int64_t{1} << i) + 1;
+    torch::Tensor bounds = torch::linspace(0.1, 1.0, fraction_items);
+    torch::Tensor means = (bounds.slice(0, 0, -1) + bounds.slice(0, 1)) / 2.0;
+    const double scale = std::pow(10.0, static_cast<double>(-(exponent_bits - 1) + i));
+    for (double sign : {1.0, -1.0}) {
+      torch::Tensor part = (sign * scale) * means;
+      data.insert(data.end(), part.data_ptr<float>(), part.data_ptr<float>() + part.numel());
+    }
+  }
+  data.push_back(0.0f);
+  data.push_back(1.0f);
+  std::sort(data.begin(), data.end());
+  return torch::tensor(data);
+}
+
+/// Index of the nearest entry of the ascending `table` for each element of
+/// `scaled` (by the midpoints; a tie, or NaN from an all-zero block, takes the lower one).
+inline torch::Tensor nearest(const torch::Tensor& scaled, const torch::Tensor& table) {
+  torch::Tensor midpoints = (table.slice(0, 0, -1) + table.slice(0, 1)) / 2;
+  torch::Tensor index = torch::bucketize(scaled, midpoints);  // count of midpoints < x
+  return index.masked_fill_(scaled.isnan(), 0).to(torch::kUInt8);
+}
+
+/// Blockwise absmax quantisation of a flat fp32 tensor against `table`:
+/// {uint8 indices [n], fp32 absmax [ceil(n / blocksize)]}.
+inline std::pair<torch::Tensor, torch::Tensor> quantize_blockwise(const torch::Tensor& flat, const torch::Tensor& table,
+                                                                  int64_t blocksize) {
+  const int64_t n = flat.numel(), blocks = (n + blocksize - 1) / blocksize;
+  torch::Tensor padded = torch::constant_pad_nd(flat, {0, blocks * blocksize - n}, 0).view({blocks, blocksize});
+  torch::Tensor absmax = padded.abs().amax(1);
+  torch::Tensor scaled = (padded * absmax.reciprocal().unsqueeze(1)).clamp(-1, 1).flatten().slice(0, 0, n);
+  return {nearest(scaled, table.to(flat.device())), absmax};
+}
+
+/// `values` [n] times the absmax of their block, as bitsandbytes dequantises.
+inline torch::Tensor scale_blocks(const torch::Tensor& values, const torch::Tensor& absmax, int64_t blocksize,
+                                  int64_t n) {
+  const int64_t padding = absmax.numel() * blocksize - values.numel();
+  return (torch::constant_pad_nd(values, {0, padding}, 0).view({-1, blocksize}) * absmax.unsqueeze(1))
+      .flatten()
+      .slice(0, 0, n);
+}
+
+/// The NF4 value pair of every byte: [256, 2] = (code[b >> 4], code[b & 15]).
+inline torch::Tensor code_pairs() {
+  torch::Tensor bytes = torch::arange(256, torch::kLong);
+  torch::Tensor c = code();
+  return torch::stack({c.index_select(0, bytes.div(16, "floor")), c.index_select(0, bytes.remainder(16))}, 1);
+}
+
+/// A weight in NF4 (bitsandbytes' QuantState, quant_type "nf4").
+struct Quantized {
+  torch::Tensor packed;         ///< uint8 [ceil(n/2)]: two 4-bit indices per byte, first in the high nibble
+  torch::Tensor absmax;         ///< fp32 [blocks]; uint8 [blocks] with double quantisation
+  torch::Tensor nested_absmax;  ///< double quantisation: fp32 [ceil(blocks/256)]
+  torch::Tensor nested_offset;  ///< double quantisation: fp32 scalar, mean of the absmax values
+  std::vector<int64_t> shape;
+  int64_t blocksize = 64;
+  torch::ScalarType dtype = torch::kFloat;  ///< what dequantize() returns
+
+  bool double_quant() const { return nested_absmax.defined(); }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+  }
+  /// Bytes of the stored state (packed indices, absmax and nested statistics).
+  int64_t bytes() const {
+    int64_t b = packed.numel() + absmax.numel() * absmax.element_size();
+    if (double_quant()) b += nested_absmax.numel() * 4 + 4;
+    return b;
+  }
+};
+
+/// Quantises `weight` (any float dtype, any device) to NF4.
+///
+/// ```
+/// peft::nf4::Quantized q = peft::nf4::quantize(linear->weight, peft::NF4Config());
+/// torch::Tensor w = peft::nf4::dequantize(q);   // |w - W| <= absmax · (max NF4 gap / 2) per block
+/// ```
+inline Quantized quantize(const torch::Tensor& weight, const NF4Config& config) {
+  config.validate("nf4::quantize");
+  check<ShapeError>(weight.is_floating_point() && weight.numel() > 0,
+                    "nf4::quantize: expected a non-empty floating-point weight, got {} of {} elements",
+                    c10::toString(weight.scalar_type()), weight.numel());
+  torch::NoGradGuard no_grad;
+  Quantized q;
+  q.shape = weight.sizes().vec();
+  q.blocksize = config.blocksize();
+  q.dtype = config.compute_dtype().value_or(weight.scalar_type());
+  torch::Tensor flat = weight.detach().to(torch::kFloat).flatten();
+  torch::Tensor index;
+  std::tie(index, q.absmax) = quantize_blockwise(flat, code(), q.blocksize);
+  if (index.numel() % 2) index = torch::constant_pad_nd(index, {0, 1}, 0);
+  q.packed = index.slice(0, 0, c10::nullopt, 2).bitwise_left_shift(4).bitwise_or(index.slice(0, 1, c10::nullopt, 2));
+  if (config.double_quant()) {
+    q.nested_offset = q.absmax.mean();
+    torch::Tensor nested;
+    std::tie(nested, q.nested_absmax) = quantize_blockwise(q.absmax - q.nested_offset, dynamic_code(), kNestedBlocksize);
+    q.absmax = nested;
+  }
+  return q;
+}
+
+/// The fp32 absmax of every block (undoing the double quantisation).
+inline torch::Tensor absmax_values(const Quantized& q) {
+  if (!q.double_quant()) return q.absmax;
+  torch::Tensor table = dynamic_code().to(q.absmax.device());
+  return scale_blocks(table.index_select(0, q.absmax.to(torch::kLong)), q.nested_absmax, kNestedBlocksize,
+                      q.absmax.numel()) +
+         q.nested_offset;
+}
+
+/// The weight back in `q.dtype`: code[index] · absmax of its block.
+inline torch::Tensor dequantize(const Quantized& q) {
+  torch::Tensor values = code_pairs().to(q.packed.device()).index_select(0, q.packed.to(torch::kLong)).flatten();
+  return scale_blocks(values, absmax_values(q), q.blocksize, q.numel()).view(q.shape).to(q.dtype);
+}
+
+/// The largest error NF4 allows for each element of `weight` quantised as `q`:
+/// half the widest gap between neighbouring codes (0.1519) times the absmax of
+/// its block, plus the error of that absmax after double quantisation.
+inline torch::Tensor error_bound(const torch::Tensor& weight, const Quantized& q) {
+  torch::Tensor c = code();
+  const double half_gap = (c.slice(0, 1) - c.slice(0, 0, -1)).max().item<double>() / 2;
+  torch::Tensor flat = weight.detach().to(torch::kFloat).flatten();
+  const int64_t n = flat.numel(), blocks = (n + q.blocksize - 1) / q.blocksize;
+  torch::Tensor absmax =
+      torch::constant_pad_nd(flat, {0, blocks * q.blocksize - n}, 0).view({blocks, q.blocksize}).abs().amax(1);
+  torch::Tensor per_block = absmax * half_gap + (absmax_values(q) - absmax).abs();
+  return scale_blocks(torch::ones_like(flat), per_block, q.blocksize, n).view(weight.sizes());
+}
+
+}  // namespace nf4
+}  // namespace peft
