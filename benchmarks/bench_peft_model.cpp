@@ -4,7 +4,8 @@
 // are noisy; peak memory is measured in separate processes (--rss).
 //
 //   peft-bench-model --model gpt2_small_scripted.pt            # step and inference ratios
-//   peft-bench-model --model ... --rss lora|full              # peak RSS of training
+//   peft-bench-model --model ... --rss lora|qlora|full        # peak RSS of training
+//   peft-bench-model --model ... --qlora                      # QLoRA vs LoRA: step time, weight bytes
 #include <CLI/CLI.hpp>
 #include <peft/peft.h>
 #include <sys/resource.h>
@@ -28,6 +29,9 @@ peft::LoraConfig lora_config() {
   return peft::LoraConfig().r(8).lora_alpha(16).target_modules({"c_attn"}).fan_in_fan_out(true).slice_pattern(
       {{"c_attn", {true, false, true}}});
 }
+
+/// QLoRA: the same adapter over a base whose block linears are NF4 (lm_head is tied to the embedding and stays).
+peft::LoraConfig qlora_config() { return lora_config().quantize_base(peft::NF4Config().quantize_all_linear(true)); }
 
 /// One training step: forward, next-token cross-entropy, backward, AdamW.
 struct Trainer {
@@ -103,14 +107,44 @@ int rss_mode(const std::string& path, const std::string& method, const torch::Te
   base.train();
   std::optional<peft::PeftModel> lora;
   Trainer trainer;
-  if (method == "lora") {
-    lora.emplace(peft::get_peft_model(base, lora_config()));
+  if (method == "lora" || method == "qlora") {
+    lora.emplace(peft::get_peft_model(base, method == "lora" ? lora_config() : qlora_config()));
     trainer = lora_trainer(*lora);
   } else {
     trainer = full_trainer(base);
   }
   for (int i = 0; i < 2; ++i) trainer.step(ids);
   fmt::print("peak_rss_mib {} {:.0f}\n", method, peak_rss_mib());
+  return 0;
+}
+
+/// QLoRA vs LoRA on the same model: step time (alternating) and frozen-weight bytes.
+int qlora_mode(const std::string& path, const torch::Tensor& ids, int runs) {
+  torch::jit::Module lora_base = torch::jit::load(path), qlora_base = torch::jit::load(path);
+  int64_t fp32_bytes = 0;
+  std::unordered_set<const void*> seen;
+  for (const auto& p : qlora_base.parameters())
+    if (seen.insert(p.unsafeGetTensorImpl()).second) fp32_bytes += p.numel() * p.element_size();
+  lora_base.train(), qlora_base.train();
+  peft::PeftModel lora = peft::get_peft_model(lora_base, lora_config());
+  peft::PeftModel qlora = peft::get_peft_model(qlora_base, qlora_config());
+  const auto nf4 = peft::nf4::footprint(qlora.module());
+  int64_t frozen_bytes = nf4.bytes;  // what stays dense: embeddings, norms, biases
+  seen.clear();
+  for (const auto& p : qlora.base_model().parameters())
+    if (seen.insert(p.unsafeGetTensorImpl()).second) frozen_bytes += p.numel() * p.element_size();
+  Trainer a = lora_trainer(lora), b = lora_trainer(qlora);
+  a.step(ids), b.step(ids);
+  std::vector<double> lora_t, qlora_t;
+  for (int i = 0; i < runs; ++i) lora_t.push_back(a.step(ids)), qlora_t.push_back(b.step(ids));
+  std::sort(lora_t.begin(), lora_t.end()), std::sort(qlora_t.begin(), qlora_t.end());
+  const double mib = 1048576.0;
+  fmt::print("| QLoRA train step / LoRA train step | {:.3f} ({:.2f} s / {:.2f} s) | <= 1.5 |\n",
+             qlora_t[runs / 2] / lora_t[runs / 2], qlora_t[runs / 2], lora_t[runs / 2]);
+  fmt::print("| quantised linear weights: NF4 bytes / fp32 bytes | {:.4f} ({:.1f} MiB / {:.1f} MiB, {:.2f} bits per weight) | <= 0.14 |\n",
+             nf4.bytes / (4.0 * nf4.weights), nf4.bytes / mib, 4.0 * nf4.weights / mib, 8.0 * nf4.bytes / nf4.weights);
+  fmt::print("| all frozen weights, QLoRA / fp32 (embeddings stay fp32) | {:.3f} ({:.1f} MiB / {:.1f} MiB) | |\n",
+             static_cast<double>(frozen_bytes) / fp32_bytes, frozen_bytes / mib, fp32_bytes / mib);
   return 0;
 }
 
@@ -123,9 +157,10 @@ int main(int argc, char** argv) {
   app.add_option("--model", path, "scripted GPT-2-small-size model (tools/export_fixtures.py --gpt2-small)")
       ->required()
       ->check(CLI::ExistingFile);
-  app.add_option("--rss", rss, "only train with this method and print peak RSS")->check(CLI::IsMember({"lora", "full"}));
-  bool io = false;
+  app.add_option("--rss", rss, "only train with this method and print peak RSS")->check(CLI::IsMember({"lora", "qlora", "full"}));
+  bool io = false, qlora = false;
   app.add_flag("--io", io, "only time saving and loading a ~1M-parameter adapter");
+  app.add_flag("--qlora", qlora, "only compare QLoRA with LoRA (step time, frozen-weight bytes)");
   app.add_option("--threads", threads, "CPU threads (0 = all cores)");
   app.add_option("--runs", runs, "measured repetitions per figure (median)");
   bool executor = false;
@@ -137,6 +172,7 @@ int main(int argc, char** argv) {
   torch::Tensor ids = torch::randint(50257, {batch, seq + 1}, torch::kLong);
   if (!rss.empty()) return rss_mode(path, rss, ids);
   if (io) return io_mode(path, std::max(runs, 5));
+  if (qlora) return qlora_mode(path, ids, runs);
 
   // Training step: LoRA (r=8 on q and v) vs full fine-tuning, alternating.
   torch::jit::Module base = torch::jit::load(path);

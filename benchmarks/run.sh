@@ -21,6 +21,10 @@ rss_row() {  # rss_row [--jit-executor]
 }
 
 io_table=$($bench --io | grep '^|')
+qlora_lora=$($bench --rss lora | awk '/peak_rss_mib/ {print $3}')
+qlora_rss=$($bench --rss qlora | awk '/peak_rss_mib/ {print $3}')
+qlora_table=$($bench --qlora | grep '^|'
+  awk -v a="$qlora_rss" -v b="$qlora_lora" 'BEGIN {printf "| peak RSS, QLoRA training / LoRA training (separate processes) | %.3f (%d MiB / %d MiB) | |\n", a / b, a, b}')
 eager=$($bench | grep '^|'; rss_row)
 executor=$($bench --jit-executor | grep '^|'; rss_row --jit-executor)
 
@@ -47,6 +51,16 @@ same for both methods and larger than the frozen weights (0.5 GB). LoRA removes
 the weight gradients and the AdamW state (1.5 GB), so its floor here is about
 (0.6 + 1.0) / (0.6 + 1.0 + 1.5) = 0.5. Getting under 0.40 needs activation
 checkpointing or a smaller batch; QLoRA (4-bit base) lowers the weights' share.
+
+### QLoRA (NF4 base, eager autograd)
+
+The same LoRA adapter over a base whose 48 block linear layers (85 M weights) are
+NF4 with double quantisation, block 64 (\`NF4Config().quantize_all_linear(true)\`);
+the embeddings (tied to lm_head) stay fp32.
+
+| figure | value | goal |
+| --- | --- | --- |
+$qlora_table
 
 ### Adapter files
 

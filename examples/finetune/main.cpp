@@ -4,7 +4,7 @@
 // reports test accuracy / precision / recall / F1 and writes the adapter.
 //
 //   peft-finetune                              # LoRA with defaults
-//   peft-finetune --method prefix --epochs 3   # lora dora ia3 adapter prefix prompt bitfit full linear-probe
+//   peft-finetune --method prefix --epochs 3   # lora qlora dora ia3 adapter prefix prompt bitfit full linear-probe
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <peft/peft.h>
@@ -61,8 +61,13 @@ std::vector<Batch> make_batches(const std::vector<peft_examples::Email>& emails,
 
 /// The PEFT config of each method (full fine-tuning and the linear probe have none).
 std::optional<peft::PeftConfig> method_config(const std::string& method, int64_t r) {
-  if (method == "lora" || method == "dora")
-    return peft::LoraConfig().r(r).lora_alpha(2.0 * r).lora_dropout(0.1).target_modules({"query", "value"}).use_dora(method == "dora");
+  if (method == "lora" || method == "dora" || method == "qlora") {
+    auto lora = peft::LoraConfig().r(r).lora_alpha(2.0 * r).lora_dropout(0.1).target_modules({"query", "value"});
+    if (method == "dora") lora.use_dora(true);
+    // QLoRA: every frozen linear layer of the encoder in NF4 (double quantised, block 64).
+    if (method == "qlora") lora.quantize_base(peft::NF4Config().quantize_all_linear(true));
+    return lora;
+  }
   if (method == "ia3") return peft::IA3Config().target_modules({"key", "value", "fc2"}).feedforward_modules({"fc2"});
   if (method == "adapter") return peft::AdapterConfig().target_modules("layers\\.\\d+\\.(attention|ffn)").bottleneck_size(64);
   if (method == "prefix") return peft::PrefixTuningConfig().num_virtual_tokens(16);
@@ -74,7 +79,7 @@ std::optional<peft::PeftConfig> method_config(const std::string& method, int64_t
 
 double default_lr(const std::string& method) {
   if (method == "full") return 5e-5;
-  if (method == "lora" || method == "dora" || method == "adapter") return 1e-3;
+  if (method == "lora" || method == "qlora" || method == "dora" || method == "adapter") return 1e-3;
   return 1e-2;  // ia3, prefix, prompt, bitfit, linear-probe
 }
 
@@ -126,7 +131,7 @@ int main(int argc, char** argv) {
   double lr = 0;
   int threads = 0;
   app.add_option("--method", method, "PEFT method")
-      ->check(CLI::IsMember({"lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit", "full", "linear-probe"}));
+      ->check(CLI::IsMember({"lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit", "full", "linear-probe"}));
   app.add_option("--r", r, "LoRA rank")->check(CLI::PositiveNumber);
   app.add_option("--epochs", epochs, "training epochs")->check(CLI::PositiveNumber);
   app.add_option("--lr", lr, "AdamW learning rate (default: per method)");

@@ -484,7 +484,7 @@ inline void PeftModel::add_weighted_adapter(const std::vector<std::string>& name
       torch::Tensor delta = torch::zeros({B.size(0), A.size(1)}, A.options());
       for (const auto& p : ps) delta += p.scale * torch::matmul(p.B, p.A);
       torch::Tensor U, S, Vh;
-      std::tie(U, S, Vh) = torch::linalg::svd(delta, /*full_matrices=*/false, c10::nullopt);
+      std::tie(U, S, Vh) = at::linalg_svd(delta, /*full_matrices=*/false);
       const int64_t k = std::min<int64_t>(r, S.size(0));
       B.narrow(1, 0, k).copy_(U.narrow(1, 0, k) * S.narrow(0, 0, k).unsqueeze(0));
       A.narrow(0, 0, k).copy_(Vh.narrow(0, 0, k));

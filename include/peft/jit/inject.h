@@ -192,6 +192,17 @@ class Injection {
   }
 
  private:
+  /// The device a node fixes: a Device constant, or `torch.device("...")` of a
+  /// constant string (LibTorch 2.x leaves that call unfolded).
+  static std::optional<c10::Device> constant_device(Node* n) {
+    if (n->kind() == c10::prim::Constant && n->output()->type()->kind() == c10::TypeKind::DeviceObjType)
+      return toIValue(n->output())->toDevice();
+    if (n->kind() != c10::aten::device || n->inputs().size() != 1) return std::nullopt;
+    auto name = toIValue(n->input(0));
+    if (!name || !name->isString()) return std::nullopt;
+    return c10::Device(name->toStringRef());
+  }
+
   static bool calls_into(Node* call, const char* container) {
     if (call->kind() != c10::prim::CallMethod) return false;
     auto path = module_path(call->input(0));
@@ -205,9 +216,7 @@ class Injection {
     auto scratch = inlined_copy(*graph_, nullptr, is_peft_call);
     std::set<std::string> baked;
     for_each_node(scratch->block(), [&](Node* n) {
-      if (n->kind() != c10::prim::Constant || n->output()->type()->kind() != c10::TypeKind::DeviceObjType) return;
-      const c10::Device d = toIValue(n->output())->toDevice();
-      if (d != weights) baked.insert(d.str());
+      if (auto d = constant_device(n); d && *d != weights) baked.insert(d->str());
     });
     if (!baked.empty())
       fmt::print(stderr, "peft: warning: forward hard-codes device {} but the weights are on {}; trace the model on "

@@ -23,7 +23,7 @@ namespace detail {
 inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> pissa_factors(const torch::Tensor& weight, int64_t r,
                                                                              double scaling) {
   torch::Tensor U, S, Vh;
-  std::tie(U, S, Vh) = torch::linalg::svd(weight.to(torch::kFloat), /*full_matrices=*/false, c10::nullopt);
+  std::tie(U, S, Vh) = at::linalg_svd(weight.to(torch::kFloat), /*full_matrices=*/false);
   torch::Tensor sqrt_s = (S.slice(0, 0, r) / scaling).sqrt();
   torch::Tensor A = (sqrt_s.unsqueeze(1) * Vh.slice(0, 0, r)).to(weight.dtype());
   torch::Tensor B = (U.slice(1, 0, r) * sqrt_s.unsqueeze(0)).to(weight.dtype());
