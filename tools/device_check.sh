@@ -25,8 +25,13 @@ cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TORCH
 start=$(date +%s)
 cmake --build $B -j "$(nproc)" > "$OUT/build.log" 2>&1 || { grep -E "error" -A5 "$OUT/build.log" | head -80; exit 1; }
 echo "build: $(( $(date +%s) - start )) s, warnings: $(grep -c 'warning:' "$OUT/build.log")"
+if [[ -n "${GTEST_ONLY:-}" ]]; then  # one test, outside ctest
+  cd $B && ./tests/peft_tests --gtest_filter="$GTEST_ONLY" > "$OUT/only.log" 2>&1; echo "exit $?"; tail -40 "$OUT/only.log"; exit 0
+fi
 cd $B && ctest -j "$(nproc)" --timeout 300 -E consumer --output-on-failure > "$OUT/ctest.log" 2>&1
 rc=$?
-grep -E "tests passed|tests failed|Failed|\*\*\*|Total Test" "$OUT/ctest.log" | tail -30
-./tests/peft_tests --gtest_filter='Cuda*:Pretrained.Real*:*QLoRA*:NF4*' 2>&1 | grep -E "^\[|ok  |FAIL|skip|wrote|diff" | tail -60
+grep -E "tests passed|tests failed|\*\*\*|Total Test|Cuda\.|Real" "$OUT/ctest.log" | tail -40
+# The interop test once more outside ctest (a combined run crashed here once).
+./tests/peft_tests --gtest_filter='Pretrained.Real*' > "$OUT/real_peft_direct.log" 2>&1
+echo "direct run of the real-peft test: exit $?"; grep -E "ok  |FAIL|skip|wrote" "$OUT/real_peft_direct.log"
 exit $rc

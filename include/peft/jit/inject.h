@@ -192,11 +192,17 @@ class Injection {
   }
 
  private:
-  /// The device a node fixes: a Device constant, or `torch.device("...")` of a
-  /// constant string (LibTorch 2.x leaves that call unfolded).
+  /// The device a node fixes: a Device or tensor constant, or `torch.device("...")`
+  /// of a constant string.
   static std::optional<c10::Device> constant_device(Node* n) {
     if (n->kind() == c10::prim::Constant && n->output()->type()->kind() == c10::TypeKind::DeviceObjType)
       return toIValue(n->output())->toDevice();
+    // A tensor built on a fixed device can arrive folded into a constant (0-dim
+    // CPU tensors mix with any device, as PyTorch allows).
+    if (n->kind() == c10::prim::Constant && n->output()->type()->cast<c10::TensorType>()) {
+      const torch::Tensor t = toIValue(n->output())->toTensor();
+      if (t.dim() > 0) return t.device();
+    }
     if (n->kind() != c10::aten::device || n->inputs().size() != 1) return std::nullopt;
     auto name = toIValue(n->input(0));
     if (!name || !name->isString()) return std::nullopt;
