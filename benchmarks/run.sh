@@ -71,14 +71,5 @@ LoRA r=8 on every \`c_attn\`, \`c_proj\` and \`c_fc\` of the same model; medians
 $io_table
 MD
 )
-/usr/bin/python3 - "$section" <<'PY'
-import re, sys, pathlib
-path = pathlib.Path("docs/performance.md")
-text = path.read_text() if path.exists() else "# Performance\n"
-name, body = "peft_model", sys.argv[1]
-block = f"<!-- BEGIN {name} -->\n## PeftModel on a GPT-2-small-size model\n\n{body}\n<!-- END {name} -->"
-pattern = re.compile(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->", re.S)
-text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-path.write_text(text)
-PY
+/usr/bin/python3 benchmarks/write_section.py peft_model "PeftModel on a GPT-2-small-size model" "$section"
 echo "$section"

@@ -7,9 +7,21 @@ target_link_libraries(peft_pch PUBLIC peft::peft)
 target_compile_options(peft_pch PRIVATE -Wall -Wextra -Wno-unused-parameter -Wno-array-bounds)
 target_precompile_headers(peft_pch PUBLIC <torch/torch.h> <torch/script.h> <fmt/format.h>)
 
-# peft_internal_target(<target>): warnings, the shared PCH.
+# PEFT_SANITIZE=address;undefined instruments the project's own code (LibTorch
+# itself is not instrumented; see tests/sanitizer.supp for what is suppressed).
+if(PEFT_SANITIZE)
+  list(JOIN PEFT_SANITIZE "," _peft_sanitizers)
+  set(PEFT_SANITIZE_FLAGS -fsanitize=${_peft_sanitizers} -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
+  target_compile_options(peft_pch PRIVATE ${PEFT_SANITIZE_FLAGS})
+endif()
+
+# peft_internal_target(<target>): warnings, the shared PCH, sanitizers.
 function(peft_internal_target target)
   target_link_libraries(${target} PRIVATE peft::peft)
+  if(PEFT_SANITIZE)
+    target_compile_options(${target} PRIVATE ${PEFT_SANITIZE_FLAGS})
+    target_link_options(${target} PRIVATE ${PEFT_SANITIZE_FLAGS})
+  endif()
   # -Wno-array-bounds: GCC 12 false positives inside LibTorch's IValue headers
   target_compile_options(${target} PRIVATE -Wall -Wextra -Wno-unused-parameter -Wno-array-bounds)
   target_precompile_headers(${target} REUSE_FROM peft_pch)

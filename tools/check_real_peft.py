@@ -78,15 +78,5 @@ def write(root):
         print(f"wrote {case} with HF peft {peft.__version__}")
 
 
-def main():
-    mode, root = sys.argv[1], sys.argv[2]
-    torch.set_num_threads(1)
-    if mode == "write":
-        write(root)
-        return 0
-    cases = sorted(d for d in (os.path.join(root, x) for x in os.listdir(root)) if os.path.isdir(d))
-    return 0 if cases and all([verify(c) for c in cases]) else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(hf.main(verify=verify, write=write))

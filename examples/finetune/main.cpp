@@ -5,8 +5,10 @@
 //
 //   peft-finetune                              # LoRA with defaults
 //   peft-finetune --method prefix --epochs 3   # lora qlora dora ia3 adapter prefix prompt bitfit full linear-probe
+//   peft-launch --nproc-per-node 2 -- peft-finetune --threads 1   # data-parallel: each rank takes half of every batch
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <peft/distributed/data_parallel.h>
 #include <peft/peft.h>
 
 #include <sys/resource.h>
@@ -27,6 +29,12 @@ using Clock = std::chrono::steady_clock;
 
 struct Batch {
   torch::Tensor ids, mask, labels;
+
+  /// Rank `rank`'s share of the rows (data-parallel training).
+  Batch rows_of(int rank, int world) const {
+    const int64_t n = labels.size(0) / world;
+    return {ids.narrow(0, rank * n, n), mask.narrow(0, rank * n, n), labels.narrow(0, rank * n, n)};
+  }
 };
 
 /// Token ids of every email, truncated to `max_tokens`, in fixed-size padded batches.
@@ -144,6 +152,15 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   peft_examples::configure_threads(argv, threads);
   peft::jit::set_graph_optimization(false);  // eager autograd: faster training on CPU
+  // Data-parallel when started by peft-launch (or torchrun): only trainable gradients cross.
+  std::optional<peft::distributed::ProcessGroup> group;
+  if (peft::distributed::Environment::present()) group.emplace(peft::distributed::ProcessGroup::from_env());
+  const int rank = group ? group->rank() : 0, world = group ? group->world_size() : 1;
+  if (batch_size % world != 0) {
+    fmt::print(stderr, "--batch-size {} must be divisible by the {} processes\n", batch_size, world);
+    return 2;
+  }
+  const bool lead = rank == 0;  // prints, evaluates and saves
   torch::manual_seed(0);
   if (lr <= 0) lr = default_lr(method);
   if (out.empty()) out = "runs/" + method;
@@ -157,7 +174,7 @@ int main(int argc, char** argv) {
   const auto train = make_batches(shuffled, tokenizer, room, batch_size);
   const auto validation = make_batches(corpus.validation, tokenizer, room, batch_size);
   const auto test = make_batches(corpus.test, tokenizer, room, batch_size);
-  fmt::print("SpamAssassin: {} emails, {} duplicate bodies dropped; train {} / validation {} / test {}\n", corpus.loaded,
+  if (lead) fmt::print("SpamAssassin: {} emails, {} duplicate bodies dropped; train {} / validation {} / test {}\n", corpus.loaded,
              corpus.duplicates, corpus.train.size(), corpus.validation.size(), corpus.test.size());
 
   // Model: USE-Lite + a trainable head; the method decides what else trains.
@@ -186,7 +203,16 @@ int main(int argc, char** argv) {
   } else {
     for (const auto& p : base.parameters()) total += p.numel();
   }
-  fmt::print("method {}: {}\n", method, peft::format_trainable_parameters({trainable, total}));
+  if (lead) fmt::print("method {}: {}\n", method, peft::format_trainable_parameters({trainable, total}));
+  std::optional<peft::distributed::DataParallel> data_parallel;
+  if (group) {
+    std::vector<torch::Tensor> synced = encoder_params;
+    for (const auto& p : head->parameters()) synced.push_back(p);
+    data_parallel.emplace(*group, synced);  // rank 0's initial values everywhere
+    if (lead)
+      fmt::print("data-parallel over {} processes: {:.1f} KiB all-reduced per step\n", world,
+                 data_parallel->bytes_per_sync() / 1024.0);
+  }
 
   std::vector<torch::optim::OptimizerParamGroup> groups;
   if (!encoder_params.empty()) groups.emplace_back(encoder_params, std::make_unique<torch::optim::AdamWOptions>(lr));
@@ -194,7 +220,8 @@ int main(int argc, char** argv) {
   torch::optim::AdamW optimizer(std::move(groups), torch::optim::AdamWOptions(lr).weight_decay(0.01));
 
   std::filesystem::create_directories(out);
-  std::ofstream curve(std::filesystem::path(out) / "loss.csv");
+  std::ofstream curve;  // rank 0 writes the outputs
+  if (lead) curve.open(std::filesystem::path(out) / "loss.csv");
   curve << std::setprecision(6);
   curve << "step,epoch,loss\n";
   auto set_train = [&](bool on) {
@@ -209,14 +236,17 @@ int main(int argc, char** argv) {
     double running = 0;
     const torch::Tensor order = torch::randperm(static_cast<int64_t>(train.size()));
     for (size_t i = 0; i < train.size(); ++i) {
-      const Batch& batch = train[static_cast<size_t>(order[static_cast<int64_t>(i)].item<int64_t>())];
+      const Batch& global = train[static_cast<size_t>(order[static_cast<int64_t>(i)].item<int64_t>())];
+      const Batch batch = world > 1 ? global.rows_of(rank, world) : global;
       torch::Tensor loss = torch::nn::functional::cross_entropy(encode(batch), batch.labels);
       optimizer.zero_grad();
       loss.backward();
+      if (data_parallel) data_parallel->synchronize_gradients();
       optimizer.step();
       running = i == 0 ? loss.item<double>() : 0.95 * running + 0.05 * loss.item<double>();
-      seen += batch.labels.size(0);
+      seen += global.labels.size(0);
       curve << ++step << "," << epoch << "," << loss.item<double>() << "\n";
+      if (!lead) continue;
       const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
       const double done = (epoch - 1 + static_cast<double>(i + 1) / train.size()) / epochs;
       const int bar = static_cast<int>(30 * static_cast<double>(i + 1) / train.size());
@@ -225,10 +255,12 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
     set_train(false);
+    if (!lead) continue;
     per_epoch.push_back(evaluate(encode, validation));
     fmt::print("\nepoch {}: validation accuracy {:.4f}  F1 {:.4f}\n", epoch, per_epoch.back().accuracy, per_epoch.back().f1);
   }
   const double train_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (!lead) return 0;
   const Metrics m = evaluate(encode, test);
   fmt::print("test: accuracy {:.4f}  precision {:.4f}  recall {:.4f}  F1 {:.4f}  ({} per epoch)\n", m.accuracy,
              m.precision, m.recall, m.f1, clock_time(train_seconds / epochs));
@@ -244,6 +276,7 @@ int main(int argc, char** argv) {
     if (f.is_regular_file() && f.path().extension() == ".safetensors") adapter_bytes += f.file_size();
   nlohmann::json metrics{{"method", method},         {"peak_rss_mib", peak_rss_mib}, {"saved_bytes", adapter_bytes},         {"trainable_params", trainable}, {"all_params", total},
                          {"epochs", epochs},         {"seconds_per_epoch", train_seconds / epochs},
+                         {"processes", world},       {"train_emails", corpus.train.size()},       {"allreduced_bytes_per_step", data_parallel ? data_parallel->bytes_per_sync() : 0},
                          {"test_accuracy", m.accuracy}, {"test_precision", m.precision},
                          {"test_recall", m.recall},  {"test_f1", m.f1}};
   for (const auto& e : per_epoch) metrics["validation_accuracy"].push_back(e.accuracy);

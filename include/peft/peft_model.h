@@ -262,11 +262,14 @@ class PeftModel {
   [[nodiscard]] DisabledScope disable_adapter() { return DisabledScope(*this); }
 
   /// Folds the active adapters into the base weights (forward then costs what the base costs).
-  void merge_adapter() {
+  /// With `safe_merge` (HF's), first checks that no merged weight would hold NaN or
+  /// infinity and throws ModelError, changing nothing, if one would.
+  void merge_adapter(bool safe_merge = false) {
     for (const auto& name : active_) {
       const Adapter& a = *require(name);
       check<ModelError>(a.tuner->mergeable(), "adapter '{}': {} cannot be merged into the base weights", a.name,
                         a.tuner->method());
+      if (safe_merge) find(name)->tuner->check_merge_is_finite();
     }
     for (const auto& name : active_) find(name)->tuner->merge();
     merged_ = true;
@@ -281,8 +284,14 @@ class PeftModel {
   /// Merges the active adapters into the base model's weights (and their
   /// trained copies into its tensors) and returns the base model: a plain
   /// module with its original code. This PeftModel stays merged.
-  torch::jit::Module merge_and_unload() {
-    merge_adapter();
+  torch::jit::Module merge_and_unload(bool safe_merge = false) {
+    if (safe_merge)
+      for (const auto& name : active_)
+        for (const auto& c : require(name)->copies)
+          check<ModelError>(torch::isfinite(c.copy).all().item<bool>(),
+                            "safe_merge: adapter '{}' trains {}.{}, which holds NaN or infinite values; nothing was merged",
+                            name, c.module, c.attribute);
+    merge_adapter(safe_merge);
     torch::NoGradGuard no_grad;
     for (const auto& name : active_)
       for (auto& c : find(name)->copies) c.original.copy_(c.copy);

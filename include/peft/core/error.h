@@ -52,6 +52,13 @@ class FileError : public Error {
   using Error::Error;
 };
 
+/// A collective operation between processes that failed or timed out (a rank
+/// that died or never arrived).
+class CommunicationError : public Error {
+ public:
+  using Error::Error;
+};
+
 /// Throws `E` with a fmt-formatted message when `ok` is false.
 ///
 /// ```

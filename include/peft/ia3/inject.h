@@ -8,6 +8,7 @@
 #include <peft/ia3/ia3.h>
 #include <peft/jit/inject.h>
 #include <peft/jit/site.h>
+#include <peft/quant/inject.h>
 
 namespace peft {
 
@@ -63,6 +64,16 @@ class Tuner : public jit::Tuner {
   std::string method() const override { return "IA3"; }
   bool mergeable() const override { return true; }
   void merge() override { scale_weights(/*merge=*/true); }
+
+  void check_merge_is_finite() override {
+    for (const auto& l : layers_) {
+      torch::Tensor s = l.layer.module.attr("ia3_l").toTensor().detach();
+      torch::Tensor W = jit::base_tensor(model_, l.layer.target, "weight");
+      check<ModelError>(torch::isfinite(s).all().item<bool>() && torch::isfinite(W).all().item<bool>(),
+                        "safe_merge: merging IA3 into '{}' gives NaN or infinite weights; nothing was merged",
+                        l.layer.target);
+    }
+  }
   void unmerge() override { scale_weights(/*merge=*/false); }
 
  private:
@@ -98,6 +109,9 @@ class Tuner : public jit::Tuner {
     torch::NoGradGuard no_grad;
     for (auto& l : layers_) {
       if (l.layer.module.attr("merged").toBool() == merge) continue;
+      check<ModelError>(!nf4::weight_module(model_, l.layer.target),
+                        "IA3 cannot be merged into '{}': its weight is NF4-quantised (merge LoRA instead, or keep the "
+                        "adapter unmerged)", l.layer.target);
       torch::Tensor s = l.layer.module.attr("ia3_l").toTensor().detach();
       torch::Tensor W = jit::base_tensor(model_, l.layer.target, "weight");
       const bool rows = l.feedforward == l.fan_in_fan_out;  // which dim of W the vector runs along

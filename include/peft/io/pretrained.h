@@ -357,7 +357,11 @@ inline void PeftModel::load_adapter(const std::filesystem::path& dir, const std:
   }
   const PeftConfig config = io::config_from_json(j, config_path.string());
   io::TensorFile file = io::load_safetensors(weights_path);
-  add_adapter(name, config);
+  try {
+    add_adapter(name, config);
+  } catch (const TargetError& e) {  // the config names modules this model lacks
+    throw FileError(fmt::format("'{}': adapter for a different model? {}", config_path.string(), e.what()));
+  }
   try {
     std::set<std::string> expected;
     for (const auto& e : io::adapter_state(*find(name))) {
@@ -368,6 +372,9 @@ inline void PeftModel::load_adapter(const std::filesystem::path& dir, const std:
       check<FileError>(it->second.sizes() == e.value.sizes(),
                        "'{}': tensor '{}' has shape {}, this model needs {} (adapter for a different model?)",
                        weights_path.string(), e.key, shape_str(it->second.sizes()), shape_str(e.value.sizes()));
+      check<FileError>(!it->second.is_floating_point() || torch::isfinite(it->second).all().item<bool>(),
+                       "'{}': tensor '{}' holds NaN or infinite values (corrupt or diverged adapter)",
+                       weights_path.string(), e.key);
       e.assign(it->second.to(e.value.options()));
     }
     for (const auto& [key, t] : file.tensors)

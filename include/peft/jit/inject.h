@@ -261,6 +261,9 @@ class Tuner {
     throw ModelError(method() + " inserts computation that cannot be folded into the base weights; it cannot be merged");
   }
   virtual void unmerge() {}
+  /// safe_merge: throws ModelError if merging now would put non-finite values
+  /// into a base weight; changes nothing.
+  virtual void check_merge_is_finite() {}
   /// Folds a training-time reparametrisation into plain tensors (prefix tuning's MLP).
   virtual void fold_projection() {}
 };

@@ -106,6 +106,18 @@ class Tuner : public jit::Tuner {
     }
   }
 
+  void check_merge_is_finite() override {
+    torch::NoGradGuard no_grad;
+    for (const auto& l : layers_) {
+      if (l.layer.module.attr("merged").toBool()) continue;
+      Layer scratch = l;  // merged_weight() records DoRA's scale on it
+      torch::Tensor W = l.nf4 ? nf4::current_weight(*l.nf4, torch::kFloat) : weight(l);
+      check<ModelError>(torch::isfinite(merged_weight(scratch, W)).all().item<bool>(),
+                        "safe_merge: merging LoRA into '{}' gives NaN or infinite weights; nothing was merged",
+                        l.layer.target);
+    }
+  }
+
   /// Undoes merge() in reverse order (re-quantised NF4 weights are restored exactly).
   void unmerge() override {
     torch::NoGradGuard no_grad;

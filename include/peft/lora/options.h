@@ -65,7 +65,9 @@ struct LoraOptions {
                        in, out, std::min(in, out), r_);
     check<OptionError>(dropout_ >= 0.0 && dropout_ < 1.0, "{}: LoraOptions.dropout must be in [0, 1), got {}", where,
                        dropout_);
-    check<OptionError>(std::isfinite(alpha_), "{}: LoraOptions.alpha must be finite, got {}", where, alpha_);
+    check<OptionError>(std::isfinite(alpha_) && alpha_ != 0,
+                       "{}: LoraOptions.alpha must be finite and non-zero (0 makes the adapter a no-op), got {}", where,
+                       alpha_);
     if (quantize_base_) quantize_base_->validate(where);
     if (enable_slices_.empty()) return;
     const auto n = static_cast<int64_t>(enable_slices_.size());
