@@ -17,6 +17,7 @@ cmake --build "$BUILD" --target peft-finetune -j "$(nproc)"
 
 for method in $METHODS; do
   echo "== $method" >&2
+  mkdir -p "$BUILD/results/$method"
   "$BUILD"/examples/peft-finetune --method "$method" --epochs "$EPOCHS" --max-tokens "$MAX_TOKENS" \
       --threads "$THREADS" --out "$BUILD/results/$method" | tr '\r' '\n' | sed -n 's/^RESULT //p' \
       > "$BUILD/results/$method/result.row.tmp"
