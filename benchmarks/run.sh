@@ -50,13 +50,28 @@ the 50257-wide logits, their log-softmax and gradients are about 0.4 GB) are the
 same for both methods and larger than the frozen weights (0.5 GB). LoRA removes
 the weight gradients and the AdamW state (1.5 GB), so its floor here is about
 (0.6 + 1.0) / (0.6 + 1.0 + 1.5) = 0.5. Getting under 0.40 needs activation
-checkpointing or a smaller batch; QLoRA (4-bit base) lowers the weights' share.
+checkpointing or a smaller batch.
+
+The allocator matters as much: glibc raises its mmap threshold each time a large
+block is freed, after which LibTorch's short-lived tensors of a few MB come from
+the heap, which fragments. Run with \`MALLOC_MMAP_THRESHOLD_=131072\` (a fixed
+threshold) and the peaks drop (measured 2026-11-28: LoRA 1663 → 1272 MiB, full
+3233 → 2843 MiB, LoRA / full 0.447; QLoRA 1327 MiB, 1.04 × LoRA), but every large
+tensor is then a fresh mmap and the LoRA step took 2.36 s instead of 1.65 s, so
+the examples keep glibc's default.
 
 ### QLoRA (NF4 base, eager autograd)
 
 The same LoRA adapter over a base whose 48 block linear layers (85 M weights) are
 NF4 with double quantisation, block 64 (\`NF4Config().quantize_all_linear(true)\`);
-the embeddings (tied to lm_head) stay fp32.
+the embeddings (tied to lm_head) stay fp32. The NF4 weights take 0.13 of their
+fp32 bytes at rest, but training does not keep that saving: each layer's weight
+is dequantised with standard ops (so saved models load in plain PyTorch) and
+autograd keeps it for the backward pass, like LoRA keeps its fp32 weights, and
+the dequantisation's temporaries fragment glibc's heap (see above). QLoRA pays
+off in memory at inference and at rest, and in training only with a custom
+autograd function that dequantises again in backward (bitsandbytes' way), which
+is not built.
 
 | figure | value | goal |
 | --- | --- | --- |

@@ -119,8 +119,10 @@ bool plot_loss_curve(const std::filesystem::path& dir) {
   if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) return false;
   const auto csv = (dir / "loss.csv").string(), png = (dir / "loss.png").string();
   const std::string script = fmt::format(
-      "set terminal png size 900,500; set output '{}'; set datafile separator ','; set key autotitle columnhead; "
-      "set xlabel 'step'; set ylabel 'training loss'; set logscale y; plot '{}' using 1:3 with lines lw 1",
+      "set terminal png size 900,500; set output '{0}'; set datafile separator ','; set key autotitle columnhead; "
+      "set xlabel 'step'; set ylabel 'training loss'; set logscale y; "
+      "plot '{1}' using 1:3 with lines lc rgb '#c0c0c0' title 'per step', '{1}' using 1:3 smooth bezier lw 2 "
+      "title 'smoothed'",
       png, csv);
   return std::system(fmt::format("gnuplot -e \"{}\"", script).c_str()) == 0;
 }

@@ -23,7 +23,7 @@ struct DataParallelOptions {
   TORCH_ARG(int64_t, accumulation_steps) = 1;
 };
 
-/// Keeps `parameters` identical across the ranks of `group`.
+/// Keeps `parameters` identical across the ranks of `group` (which must outlive it).
 ///
 /// ```
 /// auto group = peft::distributed::ProcessGroup::from_env();

@@ -137,15 +137,7 @@ class ProcessGroup {
   }
 
   /// Blocks until every rank reaches it.
-  void barrier() const {
-    try {
-      wait(group_->barrier(), "barrier");
-    } catch (const CommunicationError&) {
-      throw;
-    } catch (const std::exception& e) {
-      throw CommunicationError(fmt::format("rank {}: barrier failed: {}", env_.rank, e.what()));
-    }
-  }
+  void barrier() const { wait(group_->barrier(), "barrier"); }
 
  private:
   std::string resolve_backend() const {

@@ -22,19 +22,20 @@ namespace nf4 {
 inline const char* const kWeightSource = R"(
 def scale_blocks(self, values: Tensor, absmax: Tensor, blocksize: int, n: int) -> Tensor:
     padding = absmax.size(0) * blocksize - values.size(0)
-    scaled = torch.constant_pad_nd(values, [0, padding], 0.0).view(-1, blocksize) * absmax.unsqueeze(1)
-    return scaled.flatten()[:n]
+    if padding > 0:
+        values = torch.constant_pad_nd(values, [0, padding], 0.0)
+    return values.view(-1, blocksize).mul_(absmax.unsqueeze(1)).flatten()[:n]
 
 def absmax_values(self) -> Tensor:
     if not self.double_quant:
         return self.absmax
-    codes = torch.index_select(self.nested_code, 0, self.absmax.long())
+    codes = torch.index_select(self.nested_code, 0, self.absmax.int())
     return self.scale_blocks(codes, self.nested_absmax, 256, self.absmax.size(0)) + self.nested_offset
 
 def weight(self) -> Tensor:
     if self.dense.numel() > 0:
         return self.dense
-    values = torch.index_select(self.code_pairs, 0, self.quant_weight.long()).flatten()
+    values = torch.index_select(self.code_pairs, 0, self.quant_weight.int()).flatten()
     return self.scale_blocks(values, self.absmax_values(), self.blocksize, self.numel).view(self.shape).to(self.dtype)
 )";
 

@@ -109,12 +109,12 @@ inline std::pair<torch::Tensor, torch::Tensor> quantize_blockwise(const torch::T
 }
 
 /// `values` [n] times the absmax of their block, as bitsandbytes dequantises.
-inline torch::Tensor scale_blocks(const torch::Tensor& values, const torch::Tensor& absmax, int64_t blocksize,
-                                  int64_t n) {
+/// (Fresh `values` are scaled in place: dequantisation runs in every forward, so
+/// it keeps its temporaries few.)
+inline torch::Tensor scale_blocks(torch::Tensor values, const torch::Tensor& absmax, int64_t blocksize, int64_t n) {
   const int64_t padding = absmax.numel() * blocksize - values.numel();
-  return (torch::constant_pad_nd(values, {0, padding}, 0).view({-1, blocksize}) * absmax.unsqueeze(1))
-      .flatten()
-      .slice(0, 0, n);
+  if (padding > 0) values = torch::constant_pad_nd(values, {0, padding}, 0);
+  return values.view({-1, blocksize}).mul_(absmax.unsqueeze(1)).flatten().slice(0, 0, n);
 }
 
 /// The NF4 value pair of every byte: [256, 2] = (code[b >> 4], code[b & 15]).
@@ -182,14 +182,14 @@ inline Quantized quantize(const torch::Tensor& weight, const NF4Config& config) 
 inline torch::Tensor absmax_values(const Quantized& q) {
   if (!q.double_quant()) return q.absmax;
   torch::Tensor table = dynamic_code().to(q.absmax.device());
-  return scale_blocks(table.index_select(0, q.absmax.to(torch::kLong)), q.nested_absmax, kNestedBlocksize,
+  return scale_blocks(table.index_select(0, q.absmax.to(torch::kInt)), q.nested_absmax, kNestedBlocksize,
                       q.absmax.numel()) +
          q.nested_offset;
 }
 
 /// The weight back in `q.dtype`: code[index] · absmax of its block.
 inline torch::Tensor dequantize(const Quantized& q) {
-  torch::Tensor values = code_pairs().to(q.packed.device()).index_select(0, q.packed.to(torch::kLong)).flatten();
+  torch::Tensor values = code_pairs().to(q.packed.device()).index_select(0, q.packed.to(torch::kInt)).flatten();
   return scale_blocks(values, absmax_values(q), q.blocksize, q.numel()).view(q.shape).to(q.dtype);
 }
 
