@@ -8,10 +8,12 @@ target_compile_options(peft_pch PRIVATE -Wall -Wextra -Wno-unused-parameter -Wno
 target_precompile_headers(peft_pch PUBLIC <torch/torch.h> <torch/script.h> <fmt/format.h>)
 
 # PEFT_SANITIZE=address;undefined instruments the project's own code (LibTorch
-# itself is not instrumented; see tests/sanitizer.supp for what is suppressed).
+# itself is not instrumented; fuzz/lsan.supp suppresses leaks inside it only).
 if(PEFT_SANITIZE)
   list(JOIN PEFT_SANITIZE "," _peft_sanitizers)
-  set(PEFT_SANITIZE_FLAGS -fsanitize=${_peft_sanitizers} -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
+  # vptr checks need the typeinfo of LibTorch classes, which LibTorch does not export.
+  set(PEFT_SANITIZE_FLAGS -fsanitize=${_peft_sanitizers} -fno-sanitize=vptr -fno-omit-frame-pointer
+                          -fno-sanitize-recover=undefined)
   target_compile_options(peft_pch PRIVATE ${PEFT_SANITIZE_FLAGS})
 endif()
 

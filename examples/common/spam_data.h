@@ -99,11 +99,12 @@ inline std::string decode_base64(const std::string& s) {
     return -1;
   };
   std::string out;
-  int buffer = 0, bits = 0;
+  uint32_t buffer = 0;  // only its low `bits` bits are pending; the rest is masked off
+  int bits = 0;
   for (char c : s) {
     const int v = value(c);
     if (v < 0) continue;  // line breaks, padding, junk
-    buffer = (buffer << 6) | v;
+    buffer = ((buffer << 6) | static_cast<uint32_t>(v)) & 0xFFFFFFu;
     bits += 6;
     if (bits >= 8) {
       bits -= 8;
