@@ -21,7 +21,7 @@ for target in ${TARGETS:-safetensors config from_pretrained}; do
   echo "== fuzz_$target for $SECONDS_EACH s"
   PEFT_FUZZ_SEEDS="$corpus" "$B/fuzz/fuzz_$target" -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 \
     -print_final_stats=1 "$corpus" > "$B/fuzz_$target.log" 2>&1 || { tail -40 "$B/fuzz_$target.log"; failed=1; }
-  grep -E "^#[0-9]+.*DONE|stat::number_of_executed_units|stat::peak_rss_mb|cov:" "$B/fuzz_$target.log" | tail -3
+  grep -a -E "^Done |#[0-9]+\s+DONE|stat::peak_rss_mb" "$B/fuzz_$target.log" | tail -3
   echo "corpus: $(ls "$corpus" | wc -l) inputs"
 done
 exit $failed
