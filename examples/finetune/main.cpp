@@ -137,7 +137,7 @@ std::string clock_time(double seconds) {
 int main(int argc, char** argv) {
   CLI::App app{"Fine-tune USE-Lite on SpamAssassin with a PEFT method"};
   std::string method = "lora", model_path = PEFT_USE_LITE, assets = PEFT_ASSETS_DIR, out;
-  int64_t r = 8, epochs = 2, batch_size = 32, max_tokens = 128;
+  int64_t r = 8, epochs = 2, batch_size = 32, max_tokens = 128, seed = 0;
   double lr = 0;
   int threads = 0;
   app.add_option("--method", method, "PEFT method")
@@ -148,6 +148,7 @@ int main(int argc, char** argv) {
   app.add_option("--batch-size", batch_size, "emails per step")->check(CLI::PositiveNumber);
   app.add_option("--max-tokens", max_tokens, "tokens kept per email (USE-Lite reads at most 128)")->check(CLI::Range(1, 128));
   app.add_option("--threads", threads, "CPU threads (0 = all cores)");
+  app.add_option("--seed", seed, "seed of the initialisation, dropout and batch order (the data split is fixed)");
   app.add_option("--out", out, "output directory (default: runs/<method>)");
   app.add_option("--model", model_path, "USE-Lite TorchScript model (tools/convert_use_lite.py)")->check(CLI::ExistingFile);
   app.add_option("--assets", assets, "where scripts/fetch_assets.sh unpacked the model and data");
@@ -163,7 +164,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const bool lead = rank == 0;  // prints, evaluates and saves
-  torch::manual_seed(0);
+  torch::manual_seed(static_cast<uint64_t>(seed));
   if (lr <= 0) lr = default_lr(method);
   if (out.empty()) out = "runs/" + method;
 
