@@ -59,18 +59,21 @@ namespace nf4 {
 constexpr int64_t kNestedBlocksize = 256;
 
 /// The 16 NF4 values (bitsandbytes' create_normal_map(offset=0.9677083)), ascending.
-inline torch::Tensor code() {
+inline const torch::Tensor& code() {
   static const std::vector<float> values{
       -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
       -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
       0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
       0.7229568362236023f, 1.0f};
-  return torch::tensor(values);
+  static const torch::Tensor table = torch::tensor(values);  // built once: dequantisation runs every forward
+  return table;
 }
 
 /// bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
 /// 256 ascending values in [-1, 1], for the double-quantised absmax.
-inline torch::Tensor dynamic_code() {
+namespace detail {
+/// create_dynamic_map's computation (see dynamic_code()).
+inline torch::Tensor make_dynamic_code() {
   constexpr int64_t exponent_bits = 7;
   std::vector<float> data;
   for (int64_t i = 0; i < exponent_bits; ++i) {
@@ -87,6 +90,12 @@ inline torch::Tensor dynamic_code() {
   data.push_back(1.0f);
   std::sort(data.begin(), data.end());
   return torch::tensor(data);
+}
+}  // namespace detail
+
+inline const torch::Tensor& dynamic_code() {
+  static const torch::Tensor table = detail::make_dynamic_code();  // built once: dequantisation runs every forward
+  return table;
 }
 
 /// Index of the nearest entry of the ascending `table` for each element of
@@ -118,10 +127,12 @@ inline torch::Tensor scale_blocks(torch::Tensor values, const torch::Tensor& abs
 }
 
 /// The NF4 value pair of every byte: [256, 2] = (code[b >> 4], code[b & 15]).
-inline torch::Tensor code_pairs() {
-  torch::Tensor bytes = torch::arange(256, torch::kLong);
-  torch::Tensor c = code();
-  return torch::stack({c.index_select(0, bytes.div(16, "floor")), c.index_select(0, bytes.remainder(16))}, 1);
+inline const torch::Tensor& code_pairs() {
+  static const torch::Tensor pairs = [] {
+    torch::Tensor bytes = torch::arange(256, torch::kLong);
+    return torch::stack({code().index_select(0, bytes.div(16, "floor")), code().index_select(0, bytes.remainder(16))}, 1);
+  }();
+  return pairs;
 }
 
 /// A weight in NF4 (bitsandbytes' QuantState, quant_type "nf4").
