@@ -267,6 +267,64 @@ TEST(TrainableParameters, PrintsHfStyleSummary) {
             "trainable params: 16,000 || all params: 1,017,000 || trainable%: 1.5733\n");
 }
 
+TEST(TrainableParameters, ASharedLayerCountsOnce) {
+  torch::nn::Module model;
+  torch::nn::Embedding embed = model.register_module("embed", torch::nn::Embedding(10, 4));
+  model.register_module("prompt", peft::PromptEmbedding(embed, peft::PromptOptions(3)));  // wraps the same table
+  const auto count = peft::count_parameters(model);
+  EXPECT_EQ(count.total, 10 * 4 + 3 * 4);
+  EXPECT_EQ(count.trainable, 3 * 4);
+  embed->weight.set_requires_grad(true);  // trainable and reachable twice: given to the optimizer once
+  EXPECT_EQ(peft::trainable_parameters(model).size(), 2u);
+}
+
+// ------------------------------------------------- adapter files of native models
+struct TwoLayers : torch::nn::Module {
+  explicit TwoLayers(int64_t r)
+      : a(register_module("a", peft::LoRALinear(frozen_linear(6, 5), peft::LoraOptions(r)))),
+        b(register_module("b", peft::Adapter(peft::AdapterOptions(5).bottleneck(2).init(peft::AdapterInit::Houlsby)))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return b(a(x)); }
+  peft::LoRALinear a;
+  peft::Adapter b;
+};
+
+TEST(SaveTrainable, RoundTripsOnlyTheAdapterAndRefusesAMismatch) {
+  const auto dir = peft_test::fresh_dir("save_trainable");
+  torch::manual_seed(1);
+  TwoLayers trained(2);
+  torch::nn::init::normal_(trained.a->lora_B);  // a non-zero update, so outputs differ from the base
+  peft::save_trainable(trained, dir / "adapter.safetensors");
+  const auto file = peft::io::load_safetensors(dir / "adapter.safetensors");
+  std::vector<std::string> names;
+  for (const auto& item : file.tensors) names.push_back(item.first);
+  EXPECT_THAT(names, testing::ElementsAre("a.lora_A", "a.lora_B", "b.adapter_down.bias", "b.adapter_down.weight",
+                                          "b.adapter_up.bias", "b.adapter_up.weight"));
+
+  TwoLayers fresh(2);  // other random adapter values; copy the base so only the adapter differs
+  {
+    torch::NoGradGuard no_grad;
+    fresh.a->base->weight.copy_(trained.a->base->weight);
+    fresh.a->base->bias.copy_(trained.a->base->bias);
+  }
+  const torch::Tensor x = torch::randn({3, 6});
+  EXPECT_FALSE(torch::equal(fresh.forward(x), trained.forward(x)));
+  peft::load_trainable(fresh, dir / "adapter.safetensors");
+  EXPECT_TRUE(torch::equal(fresh.forward(x), trained.forward(x)));
+
+  TwoLayers other_rank(4);
+  const torch::Tensor before = other_rank.a->lora_A.clone();
+  expect_error<peft::FileError>([&] { peft::load_trainable(other_rank, dir / "adapter.safetensors"); },
+                                {"adapter.safetensors", "a.lora_A", "[4, 6]"});
+  EXPECT_TRUE(torch::equal(other_rank.a->lora_A, before));  // left unchanged
+  peft::LoRALinear lone(frozen_linear(6, 5), peft::LoraOptions(2));
+  expect_error<peft::FileError>([&] { peft::load_trainable(*lone, dir / "adapter.safetensors"); },
+                                {"missing [lora_A, lora_B]", "unexpected [a.lora_A"});
+  torch::nn::Linear frozen = frozen_linear(2, 2);
+  for (auto& p : frozen->parameters()) p.set_requires_grad(false);
+  expect_error<peft::ModelError>([&] { peft::save_trainable(*frozen, dir / "none.safetensors"); },
+                                 {"no trainable parameters", "none.safetensors"});
+}
+
 // ------------------------------------------------------------ device and dtype
 TEST(DeviceAndDtype, AdapterParametersFollowTheBase) {
   torch::nn::Linear base(8, 6);

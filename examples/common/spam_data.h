@@ -22,6 +22,7 @@ namespace peft_examples {
 struct Email {
   std::string text;  ///< "subject\nbody", whitespace collapsed, truncated
   int label = 0;     ///< 1 = spam
+  std::string group;  ///< the corpus folder: easy-ham-1, hard-ham-1, spam-2, ...
 };
 
 namespace mail {
@@ -246,7 +247,8 @@ inline SpamCorpus load_spam_assassin(const std::filesystem::path& dir, size_t ma
       ++corpus.duplicates;
       continue;
     }
-    Email email{email_text(raw, max_bytes), path.parent_path().filename().string().rfind("spam", 0) == 0 ? 1 : 0};
+    const std::string group = path.parent_path().filename().string();
+    Email email{email_text(raw, max_bytes), group.rfind("spam", 0) == 0 ? 1 : 0, group};
     const uint64_t bucket = fnv1a(email.text) % 10;
     (bucket < 8 ? corpus.train : bucket == 8 ? corpus.validation : corpus.test).push_back(std::move(email));
   }

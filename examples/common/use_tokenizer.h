@@ -56,6 +56,9 @@ class UseTokenizer {
     }
   }
 
+  /// Number of ids (the vocabulary entries, reserved ones included).
+  int64_t size() const { return static_cast<int64_t>(js_length_.size()); }
+
   /// Token ids of `text` (UTF-8).
   std::vector<int64_t> encode(const std::string& text) const {
     const std::u32string symbols = prepare(text);

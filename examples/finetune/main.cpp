@@ -19,6 +19,7 @@
 #include <fstream>
 #include <iomanip>
 
+#include "common/batches.h"
 #include "common/spam_data.h"
 #include "common/threads.h"
 #include "common/use_tokenizer.h"
@@ -26,46 +27,6 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-struct Batch {
-  torch::Tensor ids, mask, labels;
-
-  /// Rank `rank`'s share of the rows (data-parallel training).
-  Batch rows_of(int rank, int world) const {
-    const int64_t n = labels.size(0) / world;
-    return {ids.narrow(0, rank * n, n), mask.narrow(0, rank * n, n), labels.narrow(0, rank * n, n)};
-  }
-};
-
-/// Token ids of every email, truncated to `max_tokens`, in fixed-size padded batches.
-std::vector<Batch> make_batches(const std::vector<peft_examples::Email>& emails,
-                                const peft_examples::UseTokenizer& tokenizer, int64_t max_tokens, int64_t batch_size) {
-  std::vector<Batch> batches;
-  for (size_t start = 0; start < emails.size(); start += static_cast<size_t>(batch_size)) {
-    const size_t end = std::min(emails.size(), start + static_cast<size_t>(batch_size));
-    std::vector<std::vector<int64_t>> ids;
-    int64_t longest = 1;
-    for (size_t i = start; i < end; ++i) {
-      auto seq = tokenizer.encode(emails[i].text);
-      if (static_cast<int64_t>(seq.size()) > max_tokens) seq.resize(static_cast<size_t>(max_tokens));
-      longest = std::max<int64_t>(longest, static_cast<int64_t>(seq.size()));
-      ids.push_back(std::move(seq));
-    }
-    Batch b{torch::zeros({static_cast<int64_t>(ids.size()), longest}, torch::kLong), {}, {}};
-    b.mask = torch::zeros_like(b.ids);
-    std::vector<int64_t> labels;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      if (!ids[i].empty()) {
-        b.ids[static_cast<int64_t>(i)].narrow(0, 0, static_cast<int64_t>(ids[i].size())).copy_(torch::tensor(ids[i]));
-        b.mask[static_cast<int64_t>(i)].narrow(0, 0, static_cast<int64_t>(ids[i].size())).fill_(1);
-      }
-      labels.push_back(emails[start + i].label);
-    }
-    b.labels = torch::tensor(labels);
-    batches.push_back(std::move(b));
-  }
-  return batches;
-}
 
 /// The PEFT config of each method (full fine-tuning and the linear probe have none).
 std::optional<peft::PeftConfig> method_config(const std::string& method, int64_t r) {
@@ -89,29 +50,6 @@ double default_lr(const std::string& method) {
   if (method == "full") return 5e-5;
   if (method == "lora" || method == "qlora" || method == "dora" || method == "adapter") return 1e-3;
   return 1e-2;  // ia3, prefix, prompt, bitfit, linear-probe
-}
-
-struct Metrics {
-  double accuracy = 0, precision = 0, recall = 0, f1 = 0;
-};
-
-Metrics evaluate(const std::function<torch::Tensor(const Batch&)>& logits_of, const std::vector<Batch>& batches) {
-  torch::NoGradGuard no_grad;
-  int64_t tp = 0, fp = 0, fn = 0, correct = 0, total = 0;
-  for (const auto& b : batches) {
-    torch::Tensor predicted = logits_of(b).argmax(1);
-    tp += (predicted.eq(1) & b.labels.eq(1)).sum().item<int64_t>();
-    fp += (predicted.eq(1) & b.labels.eq(0)).sum().item<int64_t>();
-    fn += (predicted.eq(0) & b.labels.eq(1)).sum().item<int64_t>();
-    correct += predicted.eq(b.labels).sum().item<int64_t>();
-    total += b.labels.size(0);
-  }
-  Metrics m;
-  m.accuracy = static_cast<double>(correct) / std::max<int64_t>(total, 1);
-  m.precision = tp + fp ? static_cast<double>(tp) / (tp + fp) : 0;
-  m.recall = tp + fn ? static_cast<double>(tp) / (tp + fn) : 0;
-  m.f1 = m.precision + m.recall > 0 ? 2 * m.precision * m.recall / (m.precision + m.recall) : 0;
-  return m;
 }
 
 /// Draws loss.csv into loss.png when gnuplot is installed; returns whether it did.
@@ -174,9 +112,9 @@ int main(int argc, char** argv) {
   const int64_t room = method == "prompt" ? max_tokens - 16 : max_tokens;  // the prompt takes 16 positions
   auto shuffled = corpus.train;  // files come grouped (ham, then spam): mix them once, reproducibly
   std::shuffle(shuffled.begin(), shuffled.end(), std::mt19937(0));
-  const auto train = make_batches(shuffled, tokenizer, room, batch_size);
-  const auto validation = make_batches(corpus.validation, tokenizer, room, batch_size);
-  const auto test = make_batches(corpus.test, tokenizer, room, batch_size);
+  const auto train = peft_examples::make_batches(shuffled, tokenizer, room, batch_size);
+  const auto validation = peft_examples::make_batches(corpus.validation, tokenizer, room, batch_size);
+  const auto test = peft_examples::make_batches(corpus.test, tokenizer, room, batch_size);
   if (lead) fmt::print("SpamAssassin: {} emails, {} duplicate bodies dropped; train {} / validation {} / test {}\n", corpus.loaded,
              corpus.duplicates, corpus.train.size(), corpus.validation.size(), corpus.test.size());
 
@@ -194,7 +132,7 @@ int main(int argc, char** argv) {
     }
   }
   torch::nn::Linear head(512, 2);
-  auto encode = [&](const Batch& b) {
+  auto encode = [&](const peft_examples::Batch& b) {
     auto out_ = peft_model ? peft_model->forward({b.ids, b.mask}) : base.forward({b.ids, b.mask});
     return head(out_.toTensor() * 16.0);  // the encoder's output is unit-norm
   };
@@ -233,14 +171,14 @@ int main(int argc, char** argv) {
   };
   const auto start = Clock::now();
   int64_t step = 0, seen = 0;
-  std::vector<Metrics> per_epoch;
+  std::vector<peft_examples::Metrics> per_epoch;
   for (int64_t epoch = 1; epoch <= epochs; ++epoch) {
     set_train(true);
     double running = 0;
     const torch::Tensor order = torch::randperm(static_cast<int64_t>(train.size()));
     for (size_t i = 0; i < train.size(); ++i) {
-      const Batch& global = train[static_cast<size_t>(order[static_cast<int64_t>(i)].item<int64_t>())];
-      const Batch batch = world > 1 ? global.rows_of(rank, world) : global;
+      const peft_examples::Batch& global = train[static_cast<size_t>(order[static_cast<int64_t>(i)].item<int64_t>())];
+      const peft_examples::Batch batch = world > 1 ? global.rows_of(rank, world) : global;
       torch::Tensor loss = torch::nn::functional::cross_entropy(encode(batch), batch.labels);
       optimizer.zero_grad();
       loss.backward();
@@ -259,12 +197,12 @@ int main(int argc, char** argv) {
     }
     set_train(false);
     if (!lead) continue;
-    per_epoch.push_back(evaluate(encode, validation));
+    per_epoch.push_back(peft_examples::evaluate(encode, validation));
     fmt::print("\nepoch {}: validation accuracy {:.4f}  F1 {:.4f}\n", epoch, per_epoch.back().accuracy, per_epoch.back().f1);
   }
   const double train_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   if (!lead) return 0;
-  const Metrics m = evaluate(encode, test);
+  const peft_examples::Metrics m = peft_examples::evaluate(encode, test);
   fmt::print("test: accuracy {:.4f}  precision {:.4f}  recall {:.4f}  F1 {:.4f}  ({} per epoch)\n", m.accuracy,
              m.precision, m.recall, m.f1, clock_time(train_seconds / epochs));
 

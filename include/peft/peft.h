@@ -25,5 +25,6 @@
 #include <peft/quant/inject.h>
 
 #include <peft/io/checkpoint.h>
+#include <peft/io/module_state.h>
 #include <peft/io/pretrained.h>
 #include <peft/io/safetensors.h>

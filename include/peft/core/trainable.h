@@ -7,43 +7,50 @@
 
 #include <cstdint>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 namespace peft {
 
-/// The parameters of `module` that require grad, in registration order: what
-/// an optimizer should receive.
+/// The trainable parameters of `module` with their dotted names, in
+/// registration order; a tensor reachable by two names is listed once.
+inline std::vector<std::pair<std::string, torch::Tensor>> named_trainable_parameters(
+    const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  std::unordered_set<const void*> seen;
+  for (const auto& p : module.named_parameters())
+    if (p.value().requires_grad() && seen.insert(p.value().unsafeGetTensorImpl()).second)
+      out.emplace_back(p.key(), p.value());
+  return out;
+}
+
+/// The parameters of `module` that require grad, each once, in registration
+/// order: what an optimizer should receive.
 ///
 /// ```
 /// torch::optim::AdamW opt(peft::trainable_parameters(*model), 1e-3);
 /// ```
 inline std::vector<torch::Tensor> trainable_parameters(const torch::nn::Module& module) {
   std::vector<torch::Tensor> out;
-  for (const auto& p : module.parameters())
-    if (p.requires_grad()) out.push_back(p);
-  return out;
-}
-
-/// The trainable parameters of `module` with their dotted names.
-inline std::vector<std::pair<std::string, torch::Tensor>> named_trainable_parameters(
-    const torch::nn::Module& module) {
-  std::vector<std::pair<std::string, torch::Tensor>> out;
-  for (const auto& p : module.named_parameters())
-    if (p.value().requires_grad()) out.emplace_back(p.key(), p.value());
+  for (auto& named : named_trainable_parameters(module)) out.push_back(std::move(named.second));
   return out;
 }
 
 /// Trainable and total parameter counts.
 struct ParameterCount {
+  /// Elements that require grad.
   int64_t trainable = 0;
+  /// All elements (NF4 weights as the weights they stand for).
   int64_t total = 0;
 };
 
-/// Counts the parameters of `module` (elements, not tensors). An NF4 weight
+/// Counts the parameters of `module` (elements, not tensors; a shared tensor once). An NF4 weight
 /// (buffer `*nf4_packed`, two 4-bit values per byte) counts as 2 per byte, as HF peft counts.
 inline ParameterCount count_parameters(const torch::nn::Module& module) {
   ParameterCount count;
+  std::unordered_set<const void*> seen;  // a layer shared by two modules (an embedding wrapped by PromptEmbedding) counts once
   for (const auto& p : module.parameters()) {
+    if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
     count.total += p.numel();
     if (p.requires_grad()) count.trainable += p.numel();
   }
