@@ -55,10 +55,15 @@ class PeftModel {
  public:
   /// One named adapter: its config, its layers and its trainable copies.
   struct Adapter {
+    /// The adapter's name ("default" unless given).
     std::string name;
+    /// The config it was created or loaded with.
     PeftConfig config;
+    /// The method's graph rewriting (internal).
     std::unique_ptr<jit::Tuner> tuner;
+    /// Its injected layers, by base module path.
     std::vector<jit::AdapterLayer> layers;
+    /// Its trainable copies of modules_to_save.
     std::vector<jit::TrainableCopy> copies;
   };
 
@@ -120,9 +125,12 @@ class PeftModel {
     active_ = names;
     apply_active_flags();
   }
+  /// Activates these adapters together (their updates add up).
   void set_adapter(std::initializer_list<std::string> names) { set_adapter(std::vector<std::string>(names)); }
+  /// Activates only this adapter.
   void set_adapter(const std::string& name) { set_adapter(std::vector<std::string>{name}); }
 
+  /// The adapters forward uses now.
   const std::vector<std::string>& active_adapters() const { return active_; }
 
   /// Every adapter's name, in the order they were added.
@@ -150,7 +158,9 @@ class PeftModel {
                             const std::string& new_name, Combination combination = Combination::SVD,
                             int64_t svd_rank = 0);
 
+  /// The adapter called `name`; TargetError when there is none.
   const Adapter& adapter(const std::string& name) const { return *require(name); }
+  /// Every adapter, in the order they were added.
   const std::vector<Adapter>& adapters() const { return adapters_; }
 
   /// The layers of one adapter, or of all when `name` is empty.
@@ -206,8 +216,9 @@ class PeftModel {
     return out;
   }
 
-  /// Trainable tensors named `<base module path>.<parameter>`, e.g.
-  /// `transformer.h.0.attn.c_attn.lora_A` (active adapters).
+  /// The active adapters' trainable tensors with their names.
+  /// A name is the base module's path and the parameter, like
+  /// `transformer.h.0.attn.c_attn.lora_A`.
   std::vector<std::pair<std::string, torch::Tensor>> named_trainable_parameters() const {
     std::vector<std::pair<std::string, torch::Tensor>> out;
     for (const auto& a : adapters_) {
@@ -238,10 +249,12 @@ class PeftModel {
   /// Scope guard returned by disable_adapter().
   class DisabledScope {
    public:
+    /// Disables the adapters of `model` until this scope ends.
     explicit DisabledScope(PeftModel& model) : model_(&model), was_merged_(model.merged_) {
       if (was_merged_) model_->unmerge_adapter();
       model_->disabled_ = true;
     }
+    /// Moves the restore duty to the new scope.
     DisabledScope(DisabledScope&& other) noexcept : model_(other.model_), was_merged_(other.was_merged_) {
       other.model_ = nullptr;
     }
@@ -312,12 +325,15 @@ class PeftModel {
   const PeftConfig& config(const std::string& name = "") const {
     return name.empty() ? adapters_.front().config : require(name)->config;
   }
+  /// Whether the active adapters are folded into the base weights.
   bool merged() const { return merged_; }
 
+  /// Training mode (dropout on) for the base and the adapters.
   void train(bool on = true) {
     adapted_.train(on);
     base_.train(on);
   }
+  /// Inference mode.
   void eval() { train(false); }
 
  private:

@@ -25,6 +25,7 @@ enum class AdapterInit {
 /// auto opts = peft::AdapterOptions(768).reduction_factor(16).activation(peft::AdapterActivation::GELU);
 /// ```
 struct AdapterOptions {
+  /// An adapter over hidden states of width `hidden`.
   /* implicit */ AdapterOptions(int64_t hidden) : hidden_(hidden) {}
 
   /// Width of the hidden states the adapter reads and writes.
@@ -33,7 +34,9 @@ struct AdapterOptions {
   TORCH_ARG(int64_t, bottleneck) = 0;
   /// Used when bottleneck is 0.
   TORCH_ARG(int64_t, reduction_factor) = 16;
+  /// Nonlinearity between the down and up projections.
   TORCH_ARG(AdapterActivation, activation) = AdapterActivation::ReLU;
+  /// Identity (up-projection zero, the base model at step 0) or Houlsby (near-identity).
   TORCH_ARG(AdapterInit, init) = AdapterInit::Identity;
 
  public:  // TORCH_ARG leaves the section private
@@ -42,6 +45,7 @@ struct AdapterOptions {
     return bottleneck_ > 0 ? bottleneck_ : std::max<int64_t>(1, hidden_ / std::max<int64_t>(1, reduction_factor_));
   }
 
+  /// Throws OptionError when hidden or the bottleneck is not positive.
   void validate() const {
     check<OptionError>(hidden_ >= 1, "Adapter: AdapterOptions.hidden must be >= 1, got {}", hidden_);
     check<OptionError>(bottleneck_ >= 0, "Adapter: AdapterOptions.bottleneck must be >= 0 (0 = use reduction_factor), got {}",
@@ -85,6 +89,7 @@ inline torch::Tensor adapter(const torch::Tensor& h, const torch::Tensor& down_w
 /// ```
 class AdapterImpl : public torch::nn::Module {
  public:
+  /// Creates the down/up projections; every parameter trains.
   explicit AdapterImpl(AdapterOptions options) : options_(std::move(options)) {
     options_.validate();
     const int64_t hidden = options_.hidden(), bottleneck = options_.bottleneck_size();
@@ -102,19 +107,23 @@ class AdapterImpl : public torch::nn::Module {
     }
   }
 
+  /// h [..., hidden] -> h + W_up σ(W_down h), same shape.
   torch::Tensor forward(const torch::Tensor& h) {
     check_last_dim(h, options_.hidden(), "Adapter");
     return functional::adapter(h, adapter_down->weight, adapter_down->bias, adapter_up->weight, adapter_up->bias,
                                options_.activation());
   }
 
+  /// The options it was built with.
   const AdapterOptions& options() const { return options_; }
 
+  /// Prints `peft::Adapter(hidden=..., bottleneck=...)`.
   void pretty_print(std::ostream& stream) const override {
     stream << "peft::Adapter(hidden=" << options_.hidden() << ", bottleneck=" << options_.bottleneck_size() << ")";
   }
 
-  torch::nn::Linear adapter_down{nullptr}, adapter_up{nullptr};
+  torch::nn::Linear adapter_down{nullptr};  ///< Trainable projection hidden -> bottleneck.
+  torch::nn::Linear adapter_up{nullptr};    ///< Trainable projection bottleneck -> hidden.
 
  private:
   AdapterOptions options_;

@@ -21,19 +21,27 @@ namespace peft {
 struct AdapterConfig {
   /// Submodules after which an adapter is inserted (names, regex).
   TORCH_ARG(TargetModules, target_modules);
+  /// Submodules never targeted, even when target_modules matches them.
   TORCH_ARG(TargetModules, exclude_modules);
+  /// Only layers with these indices (empty: all).
   TORCH_ARG(std::vector<int64_t>, layers_to_transform) = {};
+  /// Name of the layer list whose index layers_to_transform means (e.g. "layers").
   TORCH_ARG(std::vector<std::string>, layers_pattern) = {};
   /// Bottleneck width; 0: hidden_size / reduction_factor.
   TORCH_ARG(int64_t, bottleneck_size) = 0;
+  /// hidden_size / reduction_factor is the bottleneck when bottleneck_size is 0.
   TORCH_ARG(int64_t, reduction_factor) = 16;
+  /// Nonlinearity of every adapter.
   TORCH_ARG(AdapterActivation, activation) = AdapterActivation::ReLU;
+  /// Initialisation of every adapter (Identity: the base model at step 0).
   TORCH_ARG(AdapterInit, init) = AdapterInit::Identity;
   /// Width of the submodule outputs; 0: read from the last linear layer feeding them.
   TORCH_ARG(int64_t, hidden_size) = 0;
+  /// Base submodules (e.g. a classifier head) that train fully, as copies.
   TORCH_ARG(std::vector<std::string>, modules_to_save) = {};
 
  public:  // TORCH_ARG leaves the section private
+  /// The target selection these options describe.
   TargetRule rule() const { return {target_modules_, exclude_modules_, layers_to_transform_, layers_pattern_}; }
 };
 

@@ -18,6 +18,7 @@ struct BitFitConfig {
   TORCH_ARG(bool, bias) = true;
   /// Train the parameters of normalisation modules (type name contains "Norm").
   TORCH_ARG(bool, norm) = false;
+  /// Base submodules (e.g. a classifier head) that train fully, as copies.
   TORCH_ARG(std::vector<std::string>, modules_to_save) = {};
 };
 

@@ -1,7 +1,7 @@
 #pragma once
 /// @file
 /// Target-module rules, exactly as HF peft documents them: a list entry
-/// matches a dotted module name exactly or as a `.`-suffix; a single string is
+/// matches a dotted module name exactly or as a suffix after a dot; a single string is
 /// a regex that must match the whole name; `exclude_modules` first;
 /// `layers_to_transform` with `layers_pattern`; per-module patterns.
 
@@ -16,7 +16,7 @@
 
 namespace peft {
 
-/// Which modules a method targets: a list of names (exact or `.`-suffix), one
+/// Which modules a method targets: a list of names (exact, or a suffix after a dot), one
 /// regex (full match), or "all-linear" (every linear layer except the output head).
 ///
 /// ```
@@ -27,15 +27,24 @@ namespace peft {
 class TargetModules {
  public:
   TargetModules() = default;
+  /// Module names, each matched exactly or as a suffix after a dot.
   TargetModules(std::initializer_list<std::string> names) : names_(names) {}
+  /// Module names, each matched exactly or as a suffix after a dot.
   TargetModules(std::vector<std::string> names) : names_(std::move(names)) {}
+  /// A regex that must match a whole module name, or "all-linear".
   TargetModules(std::string regex_or_all_linear) { set_string(std::move(regex_or_all_linear)); }
+  /// A regex that must match a whole module name, or "all-linear".
   TargetModules(const char* regex_or_all_linear) { set_string(regex_or_all_linear); }
 
+  /// Whether nothing is selected.
   bool empty() const { return names_.empty() && !regex_ && !all_linear_; }
+  /// Whether this is "all-linear".
   bool is_all_linear() const { return all_linear_; }
+  /// Whether this is one regex (rather than a list of names).
   bool is_regex() const { return regex_.has_value(); }
+  /// The listed names (empty for a regex or all-linear).
   const std::vector<std::string>& names() const { return names_; }
+  /// The regex; only when is_regex().
   const std::string& regex() const { return *regex_; }
 
   /// Whether `module_name` is selected by this rule (all-linear is decided by the caller).
@@ -87,9 +96,9 @@ class TargetModules {
   bool all_linear_ = false;
 };
 
-/// The layer index in a module name for layers_to_transform: the number after
-/// `<pattern>.` (any of `layers_pattern`), or after the first `<word>.` when no
-/// pattern is given, as HF peft. Empty when the name has none.
+/// The layer index in a module name, for layers_to_transform, as HF peft finds it.
+/// It is the number that follows one of `layers_pattern` and a dot (or, with no
+/// pattern, the first word and a dot); empty when the name has none.
 inline std::optional<int64_t> layer_index(const std::string& module_name, const std::vector<std::string>& layers_pattern) {
   std::smatch m;
   if (layers_pattern.empty()) {
@@ -102,8 +111,9 @@ inline std::optional<int64_t> layer_index(const std::string& module_name, const 
   return std::nullopt;
 }
 
-/// HF's rank_pattern / alpha_pattern lookup: the first key k for which
-/// `(.*\.)?(k)` fully matches the module name.
+/// The rank_pattern / alpha_pattern lookup of HF peft.
+/// Returns the value of the first key that, as a regex, fully matches the
+/// module name or the part of it after some dot.
 template <typename T>
 std::optional<T> pattern_value(const std::map<std::string, T>& patterns, const std::string& module_name) {
   for (const auto& [key, value] : patterns)
@@ -125,9 +135,13 @@ namespace peft {
 
 /// The module-selection fields every injected method shares (HF peft's names).
 struct TargetRule {
+  /// Modules to select.
   TargetModules target_modules;
+  /// Modules never selected.
   TargetModules exclude_modules;
+  /// Only these layer indices (empty: all).
   std::vector<int64_t> layers_to_transform;
+  /// Names of the layer lists the indices refer to.
   std::vector<std::string> layers_pattern;
 };
 

@@ -35,6 +35,7 @@ struct DataParallelOptions {
 /// ```
 class DataParallel {
  public:
+  /// Takes the parameters to keep in sync and broadcasts rank 0's values to every rank.
   DataParallel(const ProcessGroup& group, std::vector<torch::Tensor> parameters, DataParallelOptions options = {})
       : group_(&group), parameters_(std::move(parameters)), options_(options) {
     check<OptionError>(options.bucket_bytes() > 0, "DataParallelOptions.bucket_bytes must be > 0, got {}",
@@ -77,6 +78,7 @@ class DataParallel {
   int64_t bytes_per_sync() const { return bytes_per_sync_; }
   /// Bytes all-reduced so far.
   int64_t bytes_reduced() const { return bytes_reduced_; }
+  /// The synchronised parameters.
   const std::vector<torch::Tensor>& parameters() const { return parameters_; }
 
  private:
@@ -133,7 +135,9 @@ class DataParallel {
 struct ShardOptions {
   /// Shuffle with `seed + epoch` (the same permutation on every rank).
   TORCH_ARG(bool, shuffle) = true;
+  /// Seed of the shuffle; every rank must use the same.
   TORCH_ARG(uint64_t, seed) = 0;
+  /// Epoch number, mixed into the seed so every epoch has a new order.
   TORCH_ARG(int64_t, epoch) = 0;
   /// Drop the tail that does not divide by the world size (else pad by repeating the start).
   TORCH_ARG(bool, drop_last) = false;

@@ -33,10 +33,15 @@ using Collectives = std::conditional_t<std::is_base_of<c10d::ProcessGroup, c10d:
 
 /// Where this process sits, read from torchrun's variables.
 struct Environment {
+  /// RANK: this process, 0 .. world_size - 1.
   int rank = 0;
+  /// WORLD_SIZE: processes in the job.
   int world_size = 1;
+  /// LOCAL_RANK: this process on its machine (picks the GPU).
   int local_rank = 0;
+  /// MASTER_ADDR: host of rank 0's store.
   std::string master_addr = "127.0.0.1";
+  /// MASTER_PORT: port of rank 0's store.
   int master_port = 29500;
 
   /// RANK, WORLD_SIZE (required), LOCAL_RANK (default RANK), MASTER_ADDR
@@ -118,9 +123,13 @@ class ProcessGroup {
     return ProcessGroup(Environment::from_env(), options);
   }
 
+  /// This process's rank.
   int rank() const { return env_.rank; }
+  /// Processes in the group.
   int world_size() const { return env_.world_size; }
+  /// Rank, size and rendezvous address it was created from.
   const Environment& environment() const { return env_; }
+  /// Backend and timeout it was created with.
   const ProcessGroupOptions& options() const { return options_; }
   /// The c10d object that runs broadcast / all-reduce / barrier.
   const c10::intrusive_ptr<Collectives>& collectives() const { return group_; }

@@ -36,6 +36,7 @@ inline torch::Tensor ia3(const torch::Tensor& x, const torch::Tensor& l) { retur
 /// ```
 class IA3Impl : public torch::nn::Module {
  public:
+  /// Wraps `base_layer` and freezes it; the scaling vector starts at 1 by default.
   IA3Impl(torch::nn::Linear base_layer, IA3Options options = {}) : options_(options) {
     check<OptionError>(!base_layer.is_empty(), "IA3: the base torch::nn::Linear is empty");
     base = register_module("base", std::move(base_layer));
@@ -44,6 +45,7 @@ class IA3Impl : public torch::nn::Module {
     ia3_l = register_parameter("ia3_l", torch::ones({size}, base->weight.options()));
   }
 
+  /// x [..., in] -> [..., out], scaled by ia3_l.
   torch::Tensor forward(const torch::Tensor& x) {
     check_last_dim(x, base->weight.size(1), "IA3");
     if (merged_) return base->forward(x);
@@ -65,15 +67,20 @@ class IA3Impl : public torch::nn::Module {
     merged_ = false;
   }
 
+  /// Whether the scaling is folded into the base weight.
   bool merged() const { return merged_; }
+  /// The options it was built with.
   const IA3Options& options() const { return options_; }
 
+  /// Prints `peft::IA3(...)`.
   void pretty_print(std::ostream& stream) const override {
     stream << "peft::IA3(in_features=" << base->weight.size(1) << ", out_features=" << base->weight.size(0)
            << (options_.feedforward() ? ", feedforward" : "") << ")";
   }
 
+  /// The frozen base layer.
   torch::nn::Linear base{nullptr};
+  /// The trainable scaling vector: [out], or [in] for feed-forward layers.
   torch::Tensor ia3_l;
 
  private:

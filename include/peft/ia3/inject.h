@@ -18,18 +18,25 @@ namespace peft {
 /// auto cfg = peft::IA3Config().target_modules({"k_proj", "v_proj", "down_proj"}).feedforward_modules({"down_proj"});
 /// ```
 struct IA3Config {
+  /// Linear layers whose output (or, for feedforward_modules, input) is scaled.
   TORCH_ARG(TargetModules, target_modules);
+  /// Submodules never targeted, even when target_modules matches them.
   TORCH_ARG(TargetModules, exclude_modules);
   /// Targets whose input (not output) is scaled; must be a subset of target_modules.
   TORCH_ARG(TargetModules, feedforward_modules);
+  /// Only layers with these indices (empty: all).
   TORCH_ARG(std::vector<int64_t>, layers_to_transform) = {};
+  /// Name of the layer list whose index layers_to_transform means (e.g. "layers").
   TORCH_ARG(std::vector<std::string>, layers_pattern) = {};
+  /// Weights stored [in, out]. Detected from the graph; kept for HF's config file.
   TORCH_ARG(bool, fan_in_fan_out) = false;
+  /// Base submodules (e.g. a classifier head) that train fully, as copies.
   TORCH_ARG(std::vector<std::string>, modules_to_save) = {};
   /// Start the scaling vectors at 1 (the base model); false: random around 1.
   TORCH_ARG(bool, init_ia3_weights) = true;
 
  public:  // TORCH_ARG leaves the section private
+  /// The target selection these options describe.
   TargetRule rule() const { return {target_modules_, exclude_modules_, layers_to_transform_, layers_pattern_}; }
 };
 

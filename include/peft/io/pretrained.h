@@ -1,9 +1,9 @@
 #pragma once
 /// @file
-/// Adapter files in HF peft's layout: `adapter_config.json` (HF's field names
-/// and types) and `adapter_model.safetensors` (keys
-/// `base_model.model.<module path>.lora_A.weight`, ...). A non-default adapter
-/// goes into a subfolder named after it. Files written by HF peft load too.
+/// Adapter files in the layout of HF peft, which loads them (and whose files load here).
+/// A folder holds `adapter_config.json` (HF's field names and types) and
+/// `adapter_model.safetensors` (keys like `base_model.model.{module path}.lora_A.weight`);
+/// a non-default adapter goes into a subfolder named after it.
 
 #include <peft/io/safetensors.h>
 #include <peft/peft_model.h>
@@ -18,8 +18,11 @@ namespace io {
 
 namespace fs = std::filesystem;
 
+/// Name of the adapter's config file in its folder.
 constexpr const char* kConfigFile = "adapter_config.json";
+/// Name of the adapter's weights file in its folder.
 constexpr const char* kWeightsFile = "adapter_model.safetensors";
+/// Prefix of every key in the weights file, as HF peft writes it.
 constexpr const char* kKeyPrefix = "base_model.model.";
 
 // ---------------------------------------------------------------- config

@@ -24,7 +24,9 @@ namespace io {
 
 /// Tensors by name plus the string metadata of a safetensors file.
 struct TensorFile {
+  /// The tensors by name (CPU, the file's dtypes).
   std::map<std::string, torch::Tensor> tensors;
+  /// The `__metadata__` strings.
   std::map<std::string, std::string> metadata;
 };
 

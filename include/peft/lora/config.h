@@ -16,6 +16,7 @@ namespace peft {
 using SlicePattern = std::map<std::string, std::vector<bool>>;
 /// Per-module rank and alpha (see LoraConfig::rank_pattern).
 using RankPattern = std::map<std::string, int64_t>;
+/// Per-module alpha, keyed by a regex of the module name.
 using AlphaPattern = std::map<std::string, double>;
 
 /// Which biases train alongside LoRA (HF's `bias`).
@@ -28,23 +29,33 @@ enum class LoraBias { None, All, LoraOnly };
 /// peft::PeftModel model = peft::get_peft_model(torch::jit::load("model.pt"), cfg);
 /// ```
 struct LoraConfig {
+  /// Rank of the update (>= 1).
   TORCH_ARG(int64_t, r) = 8;
+  /// Scale numerator: the update is multiplied by lora_alpha / r (or / sqrt(r) with use_rslora).
   TORCH_ARG(double, lora_alpha) = 8.0;
+  /// Dropout on the LoRA branch's input while training.
   TORCH_ARG(double, lora_dropout) = 0.0;
-  /// Names (exact or `.`-suffix), one regex (full match), or "all-linear".
+  /// Names (exact, or a suffix after a dot), one regex (full match), or "all-linear".
   TORCH_ARG(TargetModules, target_modules);
+  /// Submodules never targeted, even when target_modules matches them.
   TORCH_ARG(TargetModules, exclude_modules);
   /// Only these layer indices (the number after `layers_pattern.` in the name).
   TORCH_ARG(std::vector<int64_t>, layers_to_transform) = {};
+  /// Name of the layer list whose index layers_to_transform means (e.g. "layers").
   TORCH_ARG(std::vector<std::string>, layers_pattern) = {};
   /// Per-module rank / alpha: key k applies where `(.*\.)?(k)` matches the name.
   TORCH_ARG(RankPattern, rank_pattern) = {};
+  /// Per-module alpha: key k applies where it matches as for rank_pattern.
   TORCH_ARG(AlphaPattern, alpha_pattern) = {};
+  /// Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).
   TORCH_ARG(bool, use_rslora) = false;
+  /// DoRA: a trainable magnitude per output over the normalised W + BA (Liu et al. 2024).
   TORCH_ARG(bool, use_dora) = false;
+  /// How A and B start: Default (B = 0), Gaussian, PiSSA, or no zero B.
   TORCH_ARG(LoraInit, init_lora_weights) = LoraInit::Default;
   /// Weights stored [in, out]. Detected from the graph (x @ W); kept for HF's config file.
   TORCH_ARG(bool, fan_in_fan_out) = false;
+  /// Which biases train too: None, All, or those of the LoRA layers.
   TORCH_ARG(LoraBias, bias) = LoraBias::None;
   /// Base submodules (e.g. a classifier head) that train fully, as copies.
   TORCH_ARG(std::vector<std::string>, modules_to_save) = {};

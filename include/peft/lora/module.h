@@ -45,6 +45,7 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> pissa_factors(con
 /// ```
 class LoRALinearImpl : public torch::nn::Module {
  public:
+  /// Wraps `base_layer` and freezes it. Throws OptionError for a bad rank, alpha or dropout.
   LoRALinearImpl(torch::nn::Linear base_layer, LoraOptions options) : options_(std::move(options)) {
     check<OptionError>(!base_layer.is_empty(), "LoRALinear: the base torch::nn::Linear is empty");
     base = register_module("base", std::move(base_layer));
@@ -58,6 +59,7 @@ class LoRALinearImpl : public torch::nn::Module {
     init_factors(in, out);
   }
 
+  /// x [..., in] -> [..., out]: base(x) plus the scaled low-rank update.
   torch::Tensor forward(const torch::Tensor& x) {
     check_last_dim(x, in_features(), "LoRALinear");
     if (quantized_) return quantized_forward(x);
@@ -115,17 +117,23 @@ class LoRALinearImpl : public torch::nn::Module {
     merged_ = false;
   }
 
+  /// Whether the update is folded into the base weight.
   bool merged() const { return merged_; }
+  /// The options it was built with.
   const LoraOptions& options() const { return options_; }
 
+  /// Prints `peft::LoRALinear(in_features=..., r=..., ...)`.
   void pretty_print(std::ostream& stream) const override {
     stream << "peft::LoRALinear(in_features=" << in_features() << ", out_features=" << out_features()
            << ", r=" << options_.r() << ", scaling=" << options_.scaling() << (options_.use_dora() ? ", dora" : "")
            << (quantized_ ? ", nf4" : "") << (merged_ ? ", merged" : "") << ")";
   }
 
+  /// The frozen base layer.
   torch::nn::Linear base{nullptr};
-  torch::Tensor lora_A, lora_B, lora_magnitude_vector;
+  torch::Tensor lora_A;                 ///< Trainable down-projection A [r, in].
+  torch::Tensor lora_B;                 ///< Trainable up-projection B [out, r], zero at the start by default.
+  torch::Tensor lora_magnitude_vector;  ///< DoRA only: trainable magnitude per output [out].
 
  private:
   functional::LoraFuncOptions func_options() const {
@@ -248,6 +256,7 @@ TORCH_MODULE(LoRALinear);
 /// ```
 class LoRAEmbeddingImpl : public torch::nn::Module {
  public:
+  /// Wraps `base_layer` and freezes it. Throws OptionError for a bad rank, alpha or dropout.
   LoRAEmbeddingImpl(torch::nn::Embedding base_layer, LoraOptions options) : options_(std::move(options)) {
     check<OptionError>(!base_layer.is_empty(), "LoRAEmbedding: the base torch::nn::Embedding is empty");
     base = register_module("base", std::move(base_layer));
@@ -267,6 +276,7 @@ class LoRAEmbeddingImpl : public torch::nn::Module {
     lora_embedding_B = register_parameter("lora_embedding_B", B);
   }
 
+  /// input_ids [...] -> [..., dim]: base lookup plus the scaled low-rank update.
   torch::Tensor forward(const torch::Tensor& input_ids) {
     check<ShapeError>(!input_ids.is_floating_point(), "LoRAEmbedding: expected integer token ids, got {}",
                       std::string(c10::toString(input_ids.scalar_type())));
@@ -296,16 +306,21 @@ class LoRAEmbeddingImpl : public torch::nn::Module {
     merged_ = false;
   }
 
+  /// Whether the update is folded into the base table.
   bool merged() const { return merged_; }
+  /// The options it was built with.
   const LoraOptions& options() const { return options_; }
 
+  /// Prints `peft::LoRAEmbedding(...)`.
   void pretty_print(std::ostream& stream) const override {
     stream << "peft::LoRAEmbedding(num_embeddings=" << base->weight.size(0)
            << ", embedding_dim=" << base->weight.size(1) << ", r=" << options_.r() << ")";
   }
 
+  /// The frozen base embedding.
   torch::nn::Embedding base{nullptr};
-  torch::Tensor lora_embedding_A, lora_embedding_B;
+  torch::Tensor lora_embedding_A;  ///< Trainable A [r, vocab], zero at the start by default (as HF peft).
+  torch::Tensor lora_embedding_B;  ///< Trainable B [dim, r], Gaussian at the start.
 
  private:
   LoraOptions options_;

@@ -29,6 +29,7 @@ enum class LoraInit {
 /// auto opts = peft::LoraOptions(8).alpha(16).dropout(0.05).use_dora(true);
 /// ```
 struct LoraOptions {
+  /// Options with rank `r` (>= 1).
   /* implicit */ LoraOptions(int64_t r) : r_(r) {}
 
   /// Rank of the update: 1 ≤ r ≤ min(in, out).

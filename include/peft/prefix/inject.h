@@ -17,15 +17,18 @@ namespace peft {
 /// auto cfg = peft::PrefixTuningConfig().num_virtual_tokens(10).prefix_projection(true).encoder_hidden_size(256);
 /// ```
 struct PrefixTuningConfig {
+  /// Learned key/value positions per layer.
   TORCH_ARG(int64_t, num_virtual_tokens) = 20;
   /// Train the prefixes through Embedding → Linear → Tanh → Linear (Li & Liang).
   TORCH_ARG(bool, prefix_projection) = false;
+  /// Width of the reparametrisation MLP's hidden layer.
   TORCH_ARG(int64_t, encoder_hidden_size) = 512;
   /// Width of the reparametrisation's input embedding; 0: kv_heads · head_dim (averaged over layers).
   TORCH_ARG(int64_t, token_dim) = 0;
   /// Key/value heads and head width of every layer; 0: read per layer from the
   /// graph (the head-split view), so layers may differ.
   TORCH_ARG(int64_t, num_key_value_heads) = 0;
+  /// See num_key_value_heads.
   TORCH_ARG(int64_t, head_dim) = 0;
 };
 

@@ -17,6 +17,7 @@ namespace peft {
 /// auto opts = peft::PrefixOptions(10).encoder_hidden_size(512);   // train through the MLP
 /// ```
 struct PrefixOptions {
+  /// Options with `num_virtual_tokens` learned key/value positions.
   /* implicit */ PrefixOptions(int64_t num_virtual_tokens) : num_virtual_tokens_(num_virtual_tokens) {}
 
   /// Number P of prefix positions, ≥ 1.
@@ -37,7 +38,9 @@ struct PrefixAttentionFuncOptions {
   TORCH_ARG(torch::Tensor, attn_mask) = {};
   /// Query i (aligned to the end of the keys) sees keys up to its own position.
   TORCH_ARG(bool, is_causal) = false;
+  /// Attention dropout probability.
   TORCH_ARG(double, dropout) = 0.0;
+  /// Whether dropout applies.
   TORCH_ARG(bool, training) = false;
 };
 
@@ -110,6 +113,7 @@ inline torch::Tensor prefix_attention(const torch::Tensor& q, const torch::Tenso
 /// → Tanh → Linear(h, out). Its output [P, out] is the prefix.
 class PrefixEncoderImpl : public torch::nn::Module {
  public:
+  /// An embedding of the P positions followed by Linear -> Tanh -> Linear to out_dim.
   PrefixEncoderImpl(int64_t num_virtual_tokens, int64_t embed_dim, int64_t hidden, int64_t out_dim) {
     embedding = register_module("embedding", torch::nn::Embedding(num_virtual_tokens, embed_dim));
     transform = register_module("transform", torch::nn::Sequential(torch::nn::Linear(embed_dim, hidden),
@@ -120,7 +124,9 @@ class PrefixEncoderImpl : public torch::nn::Module {
   /// [P, out_dim].
   torch::Tensor forward() { return transform->forward(embedding->weight); }
 
+  /// One row per virtual position.
   torch::nn::Embedding embedding{nullptr};
+  /// Linear -> Tanh -> Linear.
   torch::nn::Sequential transform{nullptr};
 };
 
@@ -139,6 +145,7 @@ TORCH_MODULE(PrefixEncoder);
 /// ```
 class PrefixAttentionImpl : public torch::nn::Module {
  public:
+  /// Wraps `base_layer` and freezes it. ModelError for unsupported attention layouts.
   PrefixAttentionImpl(torch::nn::MultiheadAttention base_layer, PrefixOptions options) : options_(std::move(options)) {
     check<OptionError>(!base_layer.is_empty(), "PrefixAttention: the base torch::nn::MultiheadAttention is empty");
     const auto& mha = base_layer->options;
@@ -210,16 +217,21 @@ class PrefixAttentionImpl : public torch::nn::Module {
     prefix = register_parameter("prefix", folded);
   }
 
+  /// The options it was built with.
   const PrefixOptions& options() const { return options_; }
 
+  /// Prints `peft::PrefixAttention(...)`.
   void pretty_print(std::ostream& stream) const override {
     stream << "peft::PrefixAttention(embed_dim=" << base->options.embed_dim() << ", heads=" << heads()
            << ", num_virtual_tokens=" << options_.num_virtual_tokens()
            << (prefix_encoder ? ", projection" : "") << ")";
   }
 
+  /// The frozen attention layer.
   torch::nn::MultiheadAttention base{nullptr};
+  /// Trainable key/value prefixes [2, H, P, E/H] (undefined with a prefix_encoder).
   torch::Tensor prefix;
+  /// The reparametrisation MLP, until fold_projection() (null without one).
   PrefixEncoder prefix_encoder{nullptr};
 
  private:

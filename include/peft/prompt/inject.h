@@ -19,6 +19,7 @@ namespace peft {
 /// auto cfg = peft::PromptTuningConfig().num_virtual_tokens(20).prompt_tuning_init_token_ids({464, 3290});
 /// ```
 struct PromptTuningConfig {
+  /// Learned vectors prepended to the input embeddings.
   TORCH_ARG(int64_t, num_virtual_tokens) = 20;
   /// Start from these rows of the frozen input embedding (repeated to fill);
   /// empty: random with the table's scale. HF's TEXT init, after tokenising.
@@ -31,6 +32,7 @@ struct PromptTuningConfig {
 
 namespace prompt {
 
+/// TorchScript source of the layer that prepends the prompt (internal).
 inline std::string layer_source() {
   return "def forward(self, h: Tensor) -> Tensor:\n"
          "    if not self.active:\n"

@@ -17,6 +17,7 @@ namespace peft {
 /// auto opts = peft::PromptOptions(20).init_token_ids({464, 3290, 318});   // from words of the vocabulary
 /// ```
 struct PromptOptions {
+  /// Options with `num_virtual_tokens` learned vectors.
   /* implicit */ PromptOptions(int64_t num_virtual_tokens) : num_virtual_tokens_(num_virtual_tokens) {}
 
   /// Number k of learned vectors, ≥ 1.
@@ -48,6 +49,7 @@ inline torch::Tensor prepend_prompt(const torch::Tensor& embeds, const torch::Te
 /// ```
 class PromptEmbeddingImpl : public torch::nn::Module {
  public:
+  /// Wraps `base_layer` and freezes it; the prompt starts from init_token_ids' rows or at random.
   PromptEmbeddingImpl(torch::nn::Embedding base_layer, PromptOptions options) : options_(std::move(options)) {
     check<OptionError>(!base_layer.is_empty(), "PromptEmbedding: the base torch::nn::Embedding is empty");
     const int64_t k = options_.num_virtual_tokens();
@@ -57,6 +59,7 @@ class PromptEmbeddingImpl : public torch::nn::Module {
     prompt_embeddings = register_parameter("prompt_embeddings", initial_prompt());
   }
 
+  /// input_ids [B, T] -> embeddings [B, k + T, D].
   torch::Tensor forward(const torch::Tensor& input_ids) {
     check_dims(input_ids, 2, "PromptEmbedding", "input_ids [batch, seq]");
     return functional::prepend_prompt(base->forward(input_ids), prompt_embeddings);
@@ -67,14 +70,18 @@ class PromptEmbeddingImpl : public torch::nn::Module {
     return functional::prepend_visible(attention_mask, options_.num_virtual_tokens(), 1);
   }
 
+  /// The options it was built with.
   const PromptOptions& options() const { return options_; }
 
+  /// Prints `peft::PromptEmbedding(...)`.
   void pretty_print(std::ostream& stream) const override {
     stream << "peft::PromptEmbedding(num_virtual_tokens=" << options_.num_virtual_tokens()
            << ", dim=" << base->weight.size(1) << ")";
   }
 
+  /// The frozen base embedding.
   torch::nn::Embedding base{nullptr};
+  /// The trainable prompt [k, D].
   torch::Tensor prompt_embeddings;
 
  private:

@@ -107,6 +107,7 @@ struct Footprint {
   int64_t bytes = 0;    ///< bytes they occupy (packed indices + statistics)
 };
 
+/// Sums the NF4 weights of a model that quantize_linear_layers or QLoRA converted.
 inline Footprint footprint(const torch::jit::Module& root) {
   Footprint f;
   if (!root.hasattr(jit::Injection::kQuantContainer)) return f;

@@ -93,6 +93,7 @@ inline torch::Tensor make_dynamic_code() {
 }
 }  // namespace detail
 
+/// The 256-value dynamic code book that double quantisation stores absmax values in.
 inline const torch::Tensor& dynamic_code() {
   static const torch::Tensor table = detail::make_dynamic_code();  // built once: dequantisation runs every forward
   return table;
@@ -141,11 +142,15 @@ struct Quantized {
   torch::Tensor absmax;         ///< fp32 [blocks]; uint8 [blocks] with double quantisation
   torch::Tensor nested_absmax;  ///< double quantisation: fp32 [ceil(blocks/256)]
   torch::Tensor nested_offset;  ///< double quantisation: fp32 scalar, mean of the absmax values
+  /// Shape of the original weight.
   std::vector<int64_t> shape;
+  /// Weights per absmax block.
   int64_t blocksize = 64;
   torch::ScalarType dtype = torch::kFloat;  ///< what dequantize() returns
 
+  /// Whether the absmax values are themselves quantised.
   bool double_quant() const { return nested_absmax.defined(); }
+  /// Elements of the original weight.
   int64_t numel() const {
     int64_t n = 1;
     for (auto s : shape) n *= s;

@@ -1,0 +1,15 @@
+# Runs doxygen on DOXYFILE and fails when it warned (LOG): every public class,
+# function and option must carry a /// comment. cmake -DDOXYGEN= -DDOXYFILE= -DLOG= -P check_docs.cmake
+if(NOT DOXYGEN)
+  message(FATAL_ERROR "doxygen not found: install it (scripts/setup.sh does) and re-run cmake")
+endif()
+file(REMOVE ${LOG})
+execute_process(COMMAND ${DOXYGEN} ${DOXYFILE} RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "doxygen failed (exit ${rc})")
+endif()
+file(READ ${LOG} warnings)
+if(NOT warnings STREQUAL "")
+  message(FATAL_ERROR "doxygen warnings (document the API named below):\n${warnings}")
+endif()
+message(STATUS "API reference: 0 doxygen warnings")
