@@ -69,4 +69,11 @@ add_custom_command(OUTPUT ${_fixtures}
   COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/export_fixtures.py --out ${PEFT_FIXTURE_DIR}
   DEPENDS ${PROJECT_SOURCE_DIR}/tools/export_fixtures.py
   COMMENT "Exporting TorchScript fixtures with ${PEFT_PYTHON}")
-add_custom_target(peft_fixtures ALL DEPENDS ${_fixtures})
+# A small causal LM with the KV-cache convention, for the generation tests.
+set(PEFT_LM_FIXTURE ${PEFT_FIXTURE_DIR}/lm_tiny.pt)
+add_custom_command(OUTPUT ${PEFT_LM_FIXTURE}
+  COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/export_lm.py --out ${PEFT_LM_FIXTURE}
+          --vocab 64 --dim 32 --layers 2 --heads 2 --context 64 --seed 1
+  DEPENDS ${PROJECT_SOURCE_DIR}/tools/export_lm.py
+  COMMENT "Exporting the tiny causal LM fixture")
+add_custom_target(peft_fixtures ALL DEPENDS ${_fixtures} ${PEFT_LM_FIXTURE})

@@ -23,6 +23,7 @@
 #include <peft/lora/config.h>
 #include <peft/peft_model.h>
 #include <peft/quant/inject.h>
+#include <peft/generation/generate.h>
 
 #include <peft/io/checkpoint.h>
 #include <peft/io/module_state.h>

@@ -327,6 +327,8 @@ class PeftModel {
   }
   /// Whether the active adapters are folded into the base weights.
   bool merged() const { return merged_; }
+  /// Whether a disable_adapter() scope is open (forward runs the base model).
+  bool adapters_disabled() const { return disabled_; }
 
   /// Training mode (dropout on) for the base and the adapters.
   void train(bool on = true) {
