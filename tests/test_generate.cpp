@@ -150,3 +150,20 @@ TEST(Generate, BadOptionsAndInputsNameTheCulprit) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Generate, PromptTuningReRunsForwardAndKeepsTheSequenceLength) {
+  // The blocks of this export call a helper method (self.mlp): only their forward calls are the stack.
+  torch::manual_seed(5);
+  peft::PeftModel model = peft::get_peft_model(tiny_lm(), peft::PromptTuningConfig().num_virtual_tokens(4));
+  auto batch = prompts();
+  torch::Tensor logits = model.forward({batch.input_ids, batch.attention_mask}).toTensor();
+  EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{3, 6, 64}));
+  torch::Tensor base_logits = tiny_lm().forward({batch.input_ids, batch.attention_mask}).toTensor();
+  EXPECT_FALSE(torch::allclose(logits, base_logits)) << "the prompt should change the output";
+  torch::Tensor out = run(model, peft::GenerationOptions().max_new_tokens(5));
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{3, 11}));
+}
+
+}  // namespace

@@ -20,6 +20,7 @@ keeps them right), not from the length of past.
     python3 tools/export_lm.py --out lm.pt [--vocab 256 --dim 128 --layers 4 --heads 4 --context 256 --seed 0]
 """
 import argparse
+import pathlib
 from typing import List, Tuple
 
 import torch
@@ -110,7 +111,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         h = self.embed(input_ids, attention_mask)
-        bias = self.attention_bias(attention_mask, input_ids.size(1), 0)
+        # Every position queries (attention_mask.size(1), not input_ids.size(1): prompt tuning extends the mask).
+        bias = self.attention_bias(attention_mask, attention_mask.size(1), 0)
         for block in self.blocks:
             h = block(h, bias)
         return self.lm_head(self.ln_f(h))
@@ -158,6 +160,7 @@ def main():
     logits, past = scripted.forward_cached(ids[:, :4], mask[:, :4], [])
     step, past = scripted.forward_cached(ids[:, 4:], mask, past)
     assert torch.allclose(torch.cat([logits, step], 1), full, atol=1e-5), "forward_cached disagrees with forward"
+    pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     scripted.save(a.out)
     print(f"{a.out}: {sum(p.numel() for p in model.parameters()):,} parameters")
 

@@ -75,6 +75,7 @@ class Tuner : public jit::Tuner {
     const jit::AdapterLayer layer = injection.layers().back();
     const std::string first = blocks.front(), last = blocks.back();
     injection.inline_all([&](jit::Node* call, const std::string& path) {
+      if (call->s(c10::attr::name) != "forward") return;  // a block's helper methods (self.mlp(x)) are not the stack
       if (path == first) {
         jit::Value* h = call->input(1);
         call->replaceInput(1, injection.call(layer, call, {h}, /*after=*/false));
@@ -95,7 +96,7 @@ class Tuner : public jit::Tuner {
   static std::vector<std::string> stack_blocks(jit::Injection& injection) {
     std::vector<std::string> blocks;
     jit::inlined_copy(injection.graph(), [&](jit::Node*, const std::string& path) {
-      if (!jit::is_stack_block(injection.model(), path)) return;
+      if (!jit::is_stack_block(injection.model(), path) || std::count(blocks.begin(), blocks.end(), path)) return;
       const std::string parent = path.substr(0, path.rfind('.'));
       if (blocks.empty() || blocks.front().substr(0, blocks.front().rfind('.')) == parent) blocks.push_back(path);
     }, jit::Injection::is_peft_call);
