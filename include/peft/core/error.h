@@ -23,30 +23,52 @@ class Error : public std::runtime_error {
 };
 
 /// An option or config value outside its allowed range.
+///
+/// ```
+/// peft::LoraOptions(0);   // throws OptionError: LoraOptions.r must be >= 1
+/// ```
 class OptionError : public Error {
  public:
   using Error::Error;
 };
 
 /// A tensor whose shape, dtype or device does not fit.
+///
+/// ```
+/// layer(torch::randn({4, 512}));   // a LoRALinear over Linear(768, 768): ShapeError
+/// ```
 class ShapeError : public Error {
  public:
   using Error::Error;
 };
 
 /// A target-module pattern that matched nothing, or matched the wrong kind of module.
+///
+/// ```
+/// try { peft::get_peft_model(base, peft::LoraConfig().target_modules({"nope"})); }
+/// catch (const peft::TargetError& e) { std::cerr << e.what(); }   // lists the candidates
+/// ```
 class TargetError : public Error {
  public:
   using Error::Error;
 };
 
 /// A model that lacks what a method needs (frozen export, missing attention, ...).
+///
+/// ```
+/// peft::get_peft_model(frozen_export, config);   // torch.jit.freeze'd: ModelError
+/// ```
 class ModelError : public Error {
  public:
   using Error::Error;
 };
 
 /// A file that is missing, unreadable, corrupt or for a different model.
+///
+/// ```
+/// try { model.load_adapter("downloads/adapter", "other"); }
+/// catch (const peft::FileError& e) { /* corrupt or mismatched: nothing was loaded */ }
+/// ```
 class FileError : public Error {
  public:
   using Error::Error;
@@ -54,6 +76,11 @@ class FileError : public Error {
 
 /// A collective operation between processes that failed or timed out (a rank
 /// that died or never arrived).
+///
+/// ```
+/// try { dp.after_backward(); }
+/// catch (const peft::CommunicationError& e) { /* a peer died: stop this rank */ }
+/// ```
 class CommunicationError : public Error {
  public:
   using Error::Error;

@@ -134,6 +134,10 @@ inline std::string join_names(const std::vector<std::string>& names, size_t limi
 namespace peft {
 
 /// The module-selection fields every injected method shares (HF peft's names).
+///
+/// ```
+/// peft::TargetRule rule{peft::TargetModules({"q_proj"}), {}, {0, 1}, {"layers"}};
+/// ```
 struct TargetRule {
   /// Modules to select.
   TargetModules target_modules;

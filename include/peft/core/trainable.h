@@ -37,6 +37,11 @@ inline std::vector<torch::Tensor> trainable_parameters(const torch::nn::Module& 
 }
 
 /// Trainable and total parameter counts.
+///
+/// ```
+/// auto count = peft::count_parameters(*model);
+/// double share = 100.0 * count.trainable / count.total;
+/// ```
 struct ParameterCount {
   /// Elements that require grad.
   int64_t trainable = 0;

@@ -15,6 +15,10 @@ namespace peft {
 namespace distributed {
 
 /// Options of DataParallel.
+///
+/// ```
+/// peft::distributed::DataParallel dp(group, params, peft::distributed::DataParallelOptions().accumulation_steps(4));
+/// ```
 struct DataParallelOptions {
   /// Gradients are all-reduced in flat buckets of at most this many bytes (DDP: 25 MiB).
   TORCH_ARG(int64_t, bucket_bytes) = 25 * 1024 * 1024;
@@ -132,6 +136,10 @@ class DataParallel {
 };
 
 /// Options of shard().
+///
+/// ```
+/// auto mine = peft::distributed::shard(n, rank, world, peft::distributed::ShardOptions().seed(1).epoch(e));
+/// ```
 struct ShardOptions {
   /// Shuffle with `seed + epoch` (the same permutation on every rank).
   TORCH_ARG(bool, shuffle) = true;

@@ -32,6 +32,11 @@ using Collectives = std::conditional_t<std::is_base_of<c10d::ProcessGroup, c10d:
                                        c10d::ProcessGroup, c10d::Backend>;
 
 /// Where this process sits, read from torchrun's variables.
+///
+/// ```
+/// auto env = peft::distributed::Environment::from_env();   // RANK=1 WORLD_SIZE=2 ...
+/// peft::distributed::ProcessGroup group(env);
+/// ```
 struct Environment {
   /// RANK: this process, 0 .. world_size - 1.
   int rank = 0;
@@ -80,6 +85,11 @@ struct Environment {
 };
 
 /// Options of ProcessGroup.
+///
+/// ```
+/// auto group = peft::distributed::ProcessGroup::from_env(
+///     peft::distributed::ProcessGroupOptions().timeout(std::chrono::seconds(30)));
+/// ```
 struct ProcessGroupOptions {
   /// How long to wait for every rank to arrive, and for each collective.
   TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::seconds(300);

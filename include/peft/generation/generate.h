@@ -57,6 +57,11 @@ struct GenerationOptions {
 };
 
 /// Token ids and attention mask of a batch of prompts.
+///
+/// ```
+/// peft::PromptBatch batch = peft::left_pad({{1, 2, 3}, {4}}, 0);
+/// // batch.input_ids = [[1, 2, 3], [0, 0, 4]], batch.attention_mask = [[1, 1, 1], [0, 0, 1]]
+/// ```
 struct PromptBatch {
   torch::Tensor input_ids;       ///< [B, T] int64, left-padded
   torch::Tensor attention_mask;  ///< [B, T] int64, 1 = token, 0 = padding

@@ -23,6 +23,11 @@ namespace peft {
 namespace io {
 
 /// Tensors by name plus the string metadata of a safetensors file.
+///
+/// ```
+/// peft::io::TensorFile file = peft::io::load_safetensors("adapter_model.safetensors");
+/// torch::Tensor a = file.tensors.at("base_model.model.q_proj.lora_A.weight");
+/// ```
 struct TensorFile {
   /// The tensors by name (CPU, the file's dtypes).
   std::map<std::string, torch::Tensor> tensors;

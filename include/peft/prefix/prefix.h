@@ -31,6 +31,11 @@ namespace functional {
 
 /// Options of functional::prefix_attention. Masks follow PyTorch's
 /// MultiheadAttention: boolean true = do not attend, float = added to scores.
+///
+/// ```
+/// auto y = peft::functional::prefix_attention(q, k, v, prefix_k, prefix_v,
+///     peft::functional::PrefixAttentionFuncOptions().is_causal(true));
+/// ```
 struct PrefixAttentionFuncOptions {
   /// [B, Tk]: padding of the (non-prefix) keys.
   TORCH_ARG(torch::Tensor, key_padding_mask) = {};
@@ -111,6 +116,11 @@ inline torch::Tensor prefix_attention(const torch::Tensor& q, const torch::Tenso
 
 /// The reparametrisation MLP of prefix tuning: Embedding(P, E) → Linear(E, h)
 /// → Tanh → Linear(h, out). Its output [P, out] is the prefix.
+///
+/// ```
+/// peft::PrefixEncoder encoder(/*num_virtual_tokens=*/10, /*embed_dim=*/512, /*hidden=*/256, /*out_dim=*/2 * 512);
+/// torch::Tensor prefixes = encoder->forward();   // [10, 1024]
+/// ```
 class PrefixEncoderImpl : public torch::nn::Module {
  public:
   /// An embedding of the P positions followed by Linear -> Tanh -> Linear to out_dim.

@@ -102,6 +102,11 @@ inline torch::Tensor current_weight(const torch::jit::Module& m, torch::ScalarTy
 }
 
 /// Logical weights and stored bytes of every NF4 weight of `root`.
+///
+/// ```
+/// auto f = peft::nf4::footprint(model.module());
+/// double bits_per_weight = 8.0 * f.bytes / f.weights;
+/// ```
 struct Footprint {
   int64_t weights = 0;  ///< elements the quantised weights stand for
   int64_t bytes = 0;    ///< bytes they occupy (packed indices + statistics)

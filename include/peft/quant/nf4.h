@@ -137,6 +137,11 @@ inline const torch::Tensor& code_pairs() {
 }
 
 /// A weight in NF4 (bitsandbytes' QuantState, quant_type "nf4").
+///
+/// ```
+/// peft::nf4::Quantized q = peft::nf4::quantize(weight, peft::NF4Config().blocksize(64));
+/// torch::Tensor approx = peft::nf4::dequantize(q);   // within nf4::error_bound
+/// ```
 struct Quantized {
   torch::Tensor packed;         ///< uint8 [ceil(n/2)]: two 4-bit indices per byte, first in the high nibble
   torch::Tensor absmax;         ///< fp32 [blocks]; uint8 [blocks] with double quantisation
