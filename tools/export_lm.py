@@ -110,7 +110,9 @@ class CausalLM(nn.Module):
         return bias.masked_fill(~visible, -1e9).unsqueeze(1)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        h = self.embed(input_ids, attention_mask)
+        # Positions from the last T mask columns: prompt tuning prepends columns for its vectors.
+        T = input_ids.size(1)
+        h = self.embed(input_ids, attention_mask.narrow(1, attention_mask.size(1) - T, T))
         # Every position queries (attention_mask.size(1), not input_ids.size(1): prompt tuning extends the mask).
         bias = self.attention_bias(attention_mask, attention_mask.size(1), 0)
         for block in self.blocks:
