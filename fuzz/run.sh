@@ -11,7 +11,7 @@ mkdir -p "$B"
 cmake -S . -B "$B" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPEFT_FUZZ=ON \
   -DPEFT_BUILD_TESTS=OFF -DPEFT_BUILD_EXAMPLES=OFF -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_WITH_ASSETS=OFF > "$B/configure.log" 2>&1 \
   || { tail -30 "$B/configure.log"; exit 1; }
-cmake --build "$B" -j "$(nproc)" --target fuzz_safetensors fuzz_config fuzz_from_pretrained
+cmake --build "$B" -j "$(nproc)" --target fuzzers
 # Leaks inside LibTorch (its registries and caches) are suppressed; the project's own are not.
 export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp:print_suppressions=0"
 fuzz_one() {

@@ -51,9 +51,9 @@ std::string state_of_the_union(const std::filesystem::path& dir) {
 }
 
 torch::Tensor bytes_of(const std::string& text, int64_t offset, int64_t length) {
-  torch::Tensor t = torch::empty({length}, torch::kLong);
-  for (int64_t i = 0; i < length; ++i) t[i] = static_cast<unsigned char>(text[static_cast<size_t>(offset + i)]);
-  return t;
+  std::vector<int64_t> ids(text.begin() + offset, text.begin() + offset + length);
+  for (auto& id : ids) id = static_cast<unsigned char>(static_cast<char>(id));  // bytes >= 0x80 are negative chars
+  return torch::tensor(ids, torch::kLong);
 }
 
 /// kBatch random windows of kContext + 1 bytes.
@@ -131,6 +131,8 @@ int main(int argc, char** argv) {
   int64_t pretrain_steps = 1500, adapt_steps = 300;
   int threads = 2;
   std::string only;
+  int64_t eval_kb = 0;
+  app.add_option("--eval-kb", eval_kb, "evaluate on the first N KB of the held-out text only (0: all; quick runs)");
   app.add_option("--only", only, "run only the methods whose name contains this");
   app.add_option("--pretrain-steps", pretrain_steps);
   app.add_option("--adapt-steps", adapt_steps, "steps of each method on Moby Dick");
@@ -143,7 +145,8 @@ int main(int argc, char** argv) {
   std::filesystem::create_directories(out);
 
   const std::string sotu = state_of_the_union(std::filesystem::path(assets) / "sotu");
-  const auto [moby_train, moby_held_out] = moby_dick(std::filesystem::path(assets) / "moby-dick");
+  auto [moby_train, moby_held_out] = moby_dick(std::filesystem::path(assets) / "moby-dick");
+  if (eval_kb > 0) moby_held_out.resize(std::min<size_t>(moby_held_out.size(), static_cast<size_t>(eval_kb) * 1024));
   fmt::print("State of the Union: {:.1f} MB; Moby Dick: {:.2f} MB to adapt on, {:.2f} MB held out\n", sotu.size() / 1e6,
              moby_train.size() / 1e6, moby_held_out.size() / 1e6);
 
