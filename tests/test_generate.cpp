@@ -149,10 +149,6 @@ TEST(Generate, BadOptionsAndInputsNameTheCulprit) {
   expect_error<peft::ShapeError>([&] { peft::left_pad({{1}, {}}, 0); }, {"prompt 1 is empty"});
 }
 
-}  // namespace
-
-namespace {
-
 TEST(Generate, PromptTuningReRunsForwardAndKeepsTheSequenceLength) {
   // The blocks of this export call a helper method (self.mlp): only their forward calls are the stack.
   torch::manual_seed(5);

@@ -172,9 +172,8 @@ inline NextLogits uncached(const std::function<c10::IValue(std::vector<c10::IVal
 
 /// Feeds forward_cached the new tokens only, carrying the keys and values; `past` starts it (a prefix, or empty).
 inline NextLogits cached(torch::jit::Module model, std::vector<torch::Tensor> past) {
-  auto state = std::make_shared<std::pair<std::vector<torch::Tensor>, int64_t>>(std::move(past), 0);
-  return [model, state](const torch::Tensor& sequences, const torch::Tensor& mask) mutable {
-    auto& [kv, done] = *state;
+  return [model, kv = std::move(past), done = int64_t{0}](const torch::Tensor& sequences,
+                                                         const torch::Tensor& mask) mutable {
     const int64_t fresh = sequences.size(1) - done;
     c10::IValue out = model.get_method("forward_cached")(
         {sequences.narrow(1, done, fresh), mask, c10::List<torch::Tensor>(kv)});
