@@ -21,7 +21,7 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 /// A port unlikely to collide with a concurrently running test process.
-int port(int offset) { return 20000 + static_cast<int>(getpid() % 8000) * 5 + offset; }  // offsets 0..4: no overlap between pids
+int port(int offset) { return 20000 + static_cast<int>(getpid() % 6500) * 6 + offset; }  // offsets 0..5: no overlap between pids
 
 struct Launch {
   int status;
