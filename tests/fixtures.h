@@ -124,4 +124,38 @@ inline int run_python_tool(const std::string& script_and_args, const std::string
   return std::system(cmd.c_str());
 }
 
+/// The reference venv's Python (the real HF peft, transformers, ... from PyPI; made by
+/// scripts/reference_env.sh), from $PEFT_REF_PYTHON; empty when unset.
+inline std::string reference_python() {
+  const char* python = std::getenv("PEFT_REF_PYTHON");
+  return python ? python : "";
+}
+
+/// Whether a missing reference Python fails the tests that need it ($PEFT_REQUIRE_REFERENCES=1, as in CI).
+inline bool references_required() {
+  const char* required = std::getenv("PEFT_REQUIRE_REFERENCES");
+  return required && std::string(required) == "1";
+}
+
+/// Runs tools/<script> with the reference venv's Python; returns its exit status.
+inline int run_reference_tool(const std::string& script_and_args, const std::string& env = "") {
+  const std::string cmd = env + " PEFT_FIXTURE_DIR=" + PEFT_FIXTURE_DIR + " " + reference_python() + " " +
+                          PEFT_SOURCE_DIR + "/tools/" + script_and_args;
+  return std::system(cmd.c_str());
+}
+
+}  // namespace peft_test
+
+/// First statement of a test that compares with the real HF libraries: skips it
+/// without $PEFT_REF_PYTHON (the README's test command), fails it when CI requires references.
+#define PEFT_REQUIRE_REFERENCE_PYTHON()                                                               \
+  do {                                                                                                \
+    if (peft_test::reference_python().empty()) {                                                      \
+      if (peft_test::references_required()) FAIL() << "PEFT_REQUIRE_REFERENCES=1 but PEFT_REF_PYTHON is unset"; \
+      GTEST_SKIP() << "PEFT_REF_PYTHON is unset: scripts/reference_tests.sh runs the comparisons with HF"; \
+    }                                                                                                 \
+  } while (0)
+
+namespace peft_test {
+
 }  // namespace peft_test

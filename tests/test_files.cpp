@@ -123,17 +123,27 @@ TEST(Pretrained, EveryMethodRoundTripsAndPythonSeesHfLayout) {
   EXPECT_EQ(peft_test::run_python_tool("check_hf_format.py verify " + for_python.string()), 0);
 }
 
+/// The inputs and outputs Python wrote in `case_dir`: io.safetensors (the reference
+/// venv's torch 2.x, whose TorchScript files LibTorch 1.13 cannot read) or io.pt.
+std::map<std::string, torch::Tensor> python_io(const fs::path& case_dir) {
+  if (fs::exists(case_dir / "io.safetensors")) return peft::io::load_safetensors(case_dir / "io.safetensors").tensors;
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& b : torch::jit::load((case_dir / "io.pt").string()).named_buffers()) out[b.name] = b.value;
+  return out;
+}
+
 /// Loads the adapter Python wrote in `case_dir` (named <arch>_<method>) onto the
-/// fixture and compares with the outputs Python computed (case_dir/io.pt), 1e-5.
+/// fixture and compares with the outputs Python computed, 1e-5.
 void expect_reproduces_python(const fs::path& case_dir, const std::string& kind) {
-  const std::string name = case_dir.filename().string(), arch = name.substr(0, name.find('_'));
+  const std::string name = case_dir.filename().string();
+  const std::string arch = name.substr(0, name.find('_'));
   peft::PeftModel model = peft::PeftModel::from_pretrained(peft_test::load_fixture(arch, kind), case_dir);
   model.eval();
-  torch::jit::Module io = torch::jit::load((case_dir / "io.pt").string());
-  std::vector<torch::jit::IValue> inputs{io.attr("input_0").toTensor()};
-  if (io.hasattr("input_1")) inputs.push_back(io.attr("input_1").toTensor());
+  const auto io = python_io(case_dir);
+  std::vector<torch::jit::IValue> inputs{io.at("input_0")};
+  if (io.count("input_1")) inputs.push_back(io.at("input_1"));
   torch::NoGradGuard no_grad;
-  torch::Tensor out = run(model, inputs), expected = io.attr("expected").toTensor();
+  torch::Tensor out = run(model, inputs), expected = io.at("expected");
   EXPECT_TRUE(torch::allclose(out, expected, 1e-5, 1e-5)) << name << " max |diff| " << (out - expected).abs().max().item<double>();
 }
 
@@ -147,11 +157,10 @@ TEST(Pretrained, LoadsFilesWrittenInHfLayoutByPython) {
   }
 }
 
-/// Against the real HF peft, where PEFT_PYTHON has it (the GPU machine's Python
-/// does, Debian's does not): HF loads what C++ saves, C++ loads what HF saves.
-TEST(Pretrained, RealHfPeftLoadsOurFilesAndWeLoadTheirs) {
-  if (std::system((std::string(PEFT_PYTHON) + " -c 'import peft' >/dev/null 2>&1").c_str()) != 0)
-    GTEST_SKIP() << PEFT_PYTHON << " has no peft module";
+/// Against the real HF peft (the reference venv, scripts/reference_tests.sh): HF
+/// loads what C++ saves, C++ loads what HF saves.
+TEST(RealHfPeftFiles, HfLoadsOurFilesAndWeLoadTheirs) {
+  PEFT_REQUIRE_REFERENCE_PYTHON();
   fs::path ours = fresh_dir("for_real_peft"), theirs = fresh_dir("from_real_peft");
   for (const auto& c : file_cases()) {
     if (c.arch == "gpt2" || c.method == "adapter" || c.method == "bitfit" || c.method == "prompt") continue;
@@ -163,10 +172,8 @@ TEST(Pretrained, RealHfPeftLoadsOurFilesAndWeLoadTheirs) {
     model.save_pretrained(ours / (c.arch + "_" + c.method));
     peft_test::save_io(ours / (c.arch + "_" + c.method) / "io.pt", ref.inputs, run(model, ref.inputs));
   }
-  EXPECT_EQ(peft_test::run_python_tool("check_real_peft.py verify " + ours.string()), 0);
-  ASSERT_EQ(peft_test::run_python_tool("check_real_peft.py write " + theirs.string(),
-                                       std::string("PEFT_FIXTURE_DIR=") + PEFT_FIXTURE_DIR),
-            0);
+  EXPECT_EQ(peft_test::run_reference_tool("check_real_peft.py verify " + ours.string()), 0);
+  ASSERT_EQ(peft_test::run_reference_tool("check_real_peft.py write " + theirs.string()), 0);
   for (const std::string name : {"llama_lora", "llama_dora", "bert_ia3"}) {
     expect_reproduces_python(theirs / name, "scripted");
   }

@@ -84,8 +84,14 @@ def write_safetensors(path, tensors):
 
 
 def fixture(arch):
+    """The eager model; with PEFT_FIXTURE_DIR, with the exported fixture's weights
+    (the same numbers under any torch version, whose initialisers may differ)."""
     torch.manual_seed(SEEDS[arch])
-    return fx.ARCHS[arch]().eval()
+    model = fx.ARCHS[arch]().eval()
+    exported = os.path.join(os.environ.get("PEFT_FIXTURE_DIR", ""), f"{arch}_scripted.pt")
+    if os.environ.get("PEFT_FIXTURE_DIR") and os.path.exists(exported):
+        model.load_state_dict(torch.jit.load(exported).state_dict())
+    return model
 
 
 def module_at(model, path):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Adapter files against the real HF peft (where `import peft` works, e.g. the GPU machine).
+"""Adapter files against the real HF peft (the reference venv: scripts/reference_env.sh).
 
     check_real_peft.py verify DIR   # peft.PeftModel.from_pretrained loads each DIR/<arch>_<method>
                                     # that C++ wrote into the eager fixture; outputs must equal DIR/*/io.pt
@@ -22,6 +22,7 @@ import check_hf_format as hf  # noqa: E402  (fixture(), the eager models with th
 
 try:
     import peft
+    from safetensors.torch import save_file
 except ImportError:
     print("peft is not installed")
     sys.exit(3)
@@ -73,8 +74,9 @@ def write(root):
         inputs = [refs.input_ids] + ([refs.attention_mask] if arch == "bert" else [])
         with torch.no_grad():
             expected = model(*inputs)
-        torch.jit.script(hf.fx.References({**{f"input_{i}": x for i, x in enumerate(inputs)}, "expected": expected})).save(
-            os.path.join(case, "io.pt"))
+        # safetensors: TorchScript files of torch 2.x do not load in LibTorch 1.13.
+        save_file({**{f"input_{i}": x.contiguous() for i, x in enumerate(inputs)}, "expected": expected.contiguous()},
+                  os.path.join(case, "io.safetensors"))
         print(f"wrote {case} with HF peft {peft.__version__}")
 
 
