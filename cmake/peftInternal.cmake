@@ -76,4 +76,13 @@ add_custom_command(OUTPUT ${PEFT_LM_FIXTURE}
           --vocab 64 --dim 32 --layers 2 --heads 2 --context 64 --seed 1
   DEPENDS ${PROJECT_SOURCE_DIR}/tools/export_lm.py
   COMMENT "Exporting the tiny causal LM fixture")
-add_custom_target(peft_fixtures ALL DEPENDS ${_fixtures} ${PEFT_LM_FIXTURE})
+# Models shaped like real-world reports (MoE routers, tied embeddings, a classifier head).
+set(_case_fixtures)
+foreach(case mlp moe moe_model bert_cls gpt2_tied tied_lm)
+  list(APPEND _case_fixtures ${PEFT_FIXTURE_DIR}/${case}_scripted.pt)
+endforeach()
+add_custom_command(OUTPUT ${_case_fixtures}
+  COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/export_cases.py --out ${PEFT_FIXTURE_DIR}
+  DEPENDS ${PROJECT_SOURCE_DIR}/tools/export_cases.py ${PROJECT_SOURCE_DIR}/tools/export_fixtures.py
+  COMMENT "Exporting the real-world case fixtures")
+add_custom_target(peft_fixtures ALL DEPENDS ${_fixtures} ${PEFT_LM_FIXTURE} ${_case_fixtures})

@@ -163,6 +163,28 @@ const std::vector<Row>& rows() {
          j["r"] = "two";
          peft::io::write_file_atomic(dir / "adapter" / "adapter_config.json", j.dump());
        }},
+      {"HF field that changes the computation", "FileError", "'lora_bias' = true changes the computation", load_llama_adapter,
+       [](const fs::path& dir) {
+         save_adapter(dir);
+         auto j = nlohmann::json::parse(peft::io::read_file(dir / "adapter" / "adapter_config.json"));
+         j["lora_bias"] = true;
+         peft::io::write_file_atomic(dir / "adapter" / "adapter_config.json", j.dump());
+       }},
+      {"a config rule broken inside a file", "FileError", "adapter_config.json': LoraConfig target", load_llama_adapter,
+       [](const fs::path& dir) {
+         save_adapter(dir);
+         auto j = nlohmann::json::parse(peft::io::read_file(dir / "adapter" / "adapter_config.json"));
+         j["lora_dropout"] = 2.0;
+         peft::io::write_file_atomic(dir / "adapter" / "adapter_config.json", j.dump());
+       }},
+      {"typo in alpha_pattern", "TargetError", "alpha_pattern: key 'q_porj_typo' matches no targeted module",
+       [](const fs::path&) { peft::get_peft_model(llama(), lora().alpha_pattern({{"q_porj_typo", 100.0}})); }},
+      {"two DoRA adapters active on one layer", "OptionError", "rescales its output",
+       [](const fs::path&) {
+         peft::PeftModel m = peft::get_peft_model(llama(), lora().use_dora(true));
+         m.add_adapter("b", lora().use_dora(true));
+         m.set_adapter({"default", "b"});
+       }},
       {"unwritable output directory", "FileError", "cannot create",
        [](const fs::path& dir) { peft::get_peft_model(llama(), lora()).save_pretrained(dir / "a_file" / "adapter"); },
        [](const fs::path& dir) { std::ofstream(dir / "a_file") << "not a directory"; }},

@@ -347,8 +347,8 @@ TEST(BadOptions, TypedErrorsNameTheOptionAndRange) {
   auto base = frozen_linear(8, 6);
   expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(0)); }, {"LoraOptions.r", ">= 1", "0"});
   expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(-3)); }, {"LoraOptions.r"});
-  expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(7)); },
-                                  {"LoraOptions.r", "min(in=8, out=6) = 6", "7"});
+  expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(7).init(peft::LoraInit::PiSSA)); },
+                                  {"PiSSA needs LoraOptions.r <= min(in=8, out=6)", "7"});
   expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(2).dropout(1.0)); },
                                   {"LoraOptions.dropout", "[0, 1)"});
   expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(2).dropout(-0.1)); },

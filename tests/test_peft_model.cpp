@@ -333,8 +333,11 @@ TEST(Errors, TypedAndNamingTheCulprit) {
   expect_error<peft::TargetError>(
       [&] { peft::get_peft_model(gpt2, peft::LoraConfig().target_modules({"c_attn"}).layers_to_transform({7})); },
       {"matched no module in layers_to_transform"});
-  expect_error<peft::OptionError>([&] { peft::get_peft_model(gpt2, peft::LoraConfig().r(65).target_modules({"c_attn"})); },
-                                  {"transformer.h.0.attn.c_attn", "r must be <= min(in=64, out=192) = 64", "65"});
+  // A rank above min(in, out) is allowed, as in HF peft, with a warning naming the layer.
+  testing::internal::CaptureStderr();
+  peft::get_peft_model(gpt2, peft::LoraConfig().r(65).target_modules({"c_attn"}));
+  EXPECT_THAT(testing::internal::GetCapturedStderr(),
+              ::testing::HasSubstr("'transformer.h.0.attn.c_attn': LoraOptions.r = 65 exceeds min(in=64, out=192)"));
   expect_error<peft::OptionError>([&] { peft::get_peft_model(gpt2, peft::LoraConfig().r(0).target_modules({"c_attn"})); },
                                   {"r must be >= 1"});
   expect_error<peft::OptionError>([&] { peft::LoraConfig().target_modules("[unclosed"); }, {"not a valid regex"});

@@ -65,6 +65,8 @@ class PeftModel {
     std::vector<jit::AdapterLayer> layers;
     /// Its trainable copies of modules_to_save.
     std::vector<jit::TrainableCopy> copies;
+    /// Whether its config was read from a file (target rules as HF applies them to files).
+    bool from_file = false;
   };
 
   /// QLoRA (LoraConfig::quantize_base) quantises `base` in place first.
@@ -90,7 +92,10 @@ class PeftModel {
 
   // ------------------------------------------------------------ adapters
   /// Adds an adapter (inactive unless it is the first; see set_adapter).
-  void add_adapter(const std::string& name, const PeftConfig& config) {
+  void add_adapter(const std::string& name, const PeftConfig& config) { add_adapter(name, config, false); }
+
+  /// Adds an adapter; `from_file`: its config was read from a file.
+  void add_adapter(const std::string& name, const PeftConfig& config, bool from_file) {
     check<OptionError>(find(name) == nullptr, "adapter '{}' already exists", name);
     check<OptionError>(name != kBaseAdapter && !name.empty() && name.find('.') == std::string::npos,
                        "adapter name '{}' is reserved or contains '.'", name);
@@ -109,19 +114,23 @@ class PeftModel {
     if (needs_boundaries && boundaries_gone) {
       // Bottleneck adapters need submodule boundaries, which injecting other
       // methods inlines away: rebuild with the bottleneck adapters first.
-      rebuild({}, name, config);
+      rebuild({}, name, config, from_file);
     } else {
-      adapters_.push_back(inject(name, config));
+      adapters_.push_back(inject(name, config, from_file));
     }
     if (adapters_.size() == 1) active_ = {name};
     apply_active_flags();
   }
 
-  /// Makes `names` the active adapters; their outputs are summed.
+  /// Makes `names` the active adapters. On a layer that several of them adapt,
+  /// their updates add up (LoRA: W + ΔW₁ + ΔW₂, merged or not). DoRA and IA3
+  /// rescale a layer's output, so no sum defines them with another adapter on the
+  /// same layer: OptionError naming the layer and the adapters.
   void set_adapter(const std::vector<std::string>& names) {
     check<OptionError>(!names.empty(), "set_adapter: give at least one adapter name");
     for (const auto& n : names) require(n);
     check<OptionError>(!merged_, "set_adapter: unmerge_adapter() first");
+    check_combination(names);
     active_ = names;
     apply_active_flags();
   }
@@ -296,7 +305,10 @@ class PeftModel {
 
   /// Merges the active adapters into the base model's weights (and their
   /// trained copies into its tensors) and returns the base model: a plain
-  /// module with its original code. This PeftModel stays merged.
+  /// module with its original code. This PeftModel stays merged. A trained copy
+  /// goes into its own module only (and its tied slots with ensure_weight_tying):
+  /// a tensor shared with another module is replaced there, never written through,
+  /// so the merged model computes what the adapted one does.
   torch::jit::Module merge_and_unload(bool safe_merge = false) {
     if (safe_merge)
       for (const auto& name : active_)
@@ -305,9 +317,8 @@ class PeftModel {
                             "safe_merge: adapter '{}' trains {}.{}, which holds NaN or infinite values; nothing was merged",
                             name, c.module, c.attribute);
     merge_adapter(safe_merge);
-    torch::NoGradGuard no_grad;
     for (const auto& name : active_)
-      for (auto& c : find(name)->copies) c.original.copy_(c.copy);
+      for (const auto& c : find(name)->copies) write_back(c);
     return base_;
   }
 
@@ -361,6 +372,39 @@ class PeftModel {
     return base;
   }
 
+  /// Whether `config` rescales the layers it adapts (so it cannot share a layer with another active adapter).
+  static bool rescales_layers(const PeftConfig& config) {
+    const auto* lora = std::get_if<LoraConfig>(&config);
+    return std::holds_alternative<IA3Config>(config) || (lora && lora->use_dora());
+  }
+
+  /// Throws OptionError when a layer that a DoRA or IA3 adapter among `names` adapts is adapted by another of them.
+  void check_combination(const std::vector<std::string>& names) const {
+    std::map<std::string, std::vector<const Adapter*>> by_layer;
+    for (const auto& n : names)
+      for (const auto& l : require(n)->layers) by_layer[l.target].push_back(require(n));
+    for (const auto& [target, adapters] : by_layer) {
+      if (adapters.size() < 2) continue;
+      std::vector<std::string> all, rescaling;
+      for (const Adapter* a : adapters) {
+        all.push_back(a->name);
+        if (rescales_layers(a->config)) rescaling.push_back(a->name);
+      }
+      check<OptionError>(rescaling.empty(),
+                         "set_adapter: adapters {} all adapt '{}', and {} rescales its output (DoRA / IA3), so their "
+                         "combination has no defined order (merged and unmerged would differ); activate them one at a "
+                         "time, or use plain LoRA adapters, whose updates add up",
+                         join_names(all), target, join_names(rescaling));
+    }
+  }
+
+  /// Puts a snapshot of the trained copy `c` into the base model, in its slot and its tied slots.
+  void write_back(const jit::TrainableCopy& c) {
+    const torch::Tensor trained = c.copy.detach().clone();
+    jit::submodule(base_, c.module).setattr(c.attribute, trained);
+    for (const auto& [module, attribute] : c.tied) jit::submodule(base_, module).setattr(attribute, trained);
+  }
+
   Adapter* find(const std::string& name) {
     for (auto& a : adapters_)
       if (a.name == name) return &a;
@@ -373,8 +417,8 @@ class PeftModel {
     return a;
   }
 
-  Adapter inject(const std::string& name, const PeftConfig& config) {
-    jit::Injection injection(adapted_, name);
+  Adapter inject(const std::string& name, const PeftConfig& config, bool from_file) {
+    jit::Injection injection(adapted_, name, from_file);
     auto tuner = std::visit([&](const auto& cfg) { return make_tuner(injection, cfg); }, config);
     injection.finish();
     for (const auto& c : injection.copies())
@@ -383,25 +427,26 @@ class PeftModel {
           check<OptionError>(o.module != c.module || o.attribute != c.attribute,
                              "adapter '{}' trains {}.{}, which adapter '{}' already trains", name, c.module, c.attribute,
                              other.name);
-    return {name, config, std::move(tuner), injection.layers(), injection.copies()};
+    return {name, config, std::move(tuner), injection.layers(), injection.copies(), from_file};
   }
 
   /// Re-creates the adapted model from the base: bottleneck adapters first,
   /// without `skip`, plus a new adapter `added` (if named). Existing adapters keep
   /// their tensors, so optimizers holding them stay valid.
-  void rebuild(const std::string& skip, const std::string& added, const PeftConfig& added_config) {
+  void rebuild(const std::string& skip, const std::string& added, const PeftConfig& added_config,
+               bool added_from_file = false) {
     std::vector<Adapter> old = std::move(adapters_);
     adapters_.clear();
     adapted_ = jit::Injection::adapted_clone(base_);
     for (bool bottleneck : {true, false}) {
       for (auto& a : old) {
         if (a.name == skip || std::holds_alternative<AdapterConfig>(a.config) != bottleneck) continue;
-        Adapter fresh = inject(a.name, loading_config(a.config));
+        Adapter fresh = inject(a.name, loading_config(a.config), a.from_file);
         take_tensors(a, fresh);
         adapters_.push_back(std::move(fresh));
       }
       if (!added.empty() && std::holds_alternative<AdapterConfig>(added_config) == bottleneck)
-        adapters_.push_back(inject(added, added_config));
+        adapters_.push_back(inject(added, added_config, added_from_file));
     }
   }
 
@@ -420,8 +465,10 @@ class PeftModel {
         if (p.value.isTensor() || p.value.isBool()) module.setattr(p.name, p.value);
     }
     for (size_t i = 0; i < to.copies.size(); ++i) {
-      jit::submodule(adapted_, to.copies[i].module).setattr(to.copies[i].attribute, from.copies.at(i).copy);
-      to.copies[i].copy = from.copies.at(i).copy;
+      jit::TrainableCopy& c = to.copies[i];
+      c.copy = from.copies.at(i).copy;
+      jit::submodule(adapted_, c.module).setattr(c.attribute, c.copy);
+      for (const auto& [module, attribute] : c.tied) jit::submodule(adapted_, module).setattr(attribute, c.copy);
     }
   }
 

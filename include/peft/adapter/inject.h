@@ -93,12 +93,12 @@ class Tuner : public jit::Tuner {
  public:
   Tuner(jit::Injection& injection, const AdapterConfig& config) : model_(injection.model()) {
     std::vector<std::string> names, called;
-    for (const auto& m : model_.named_modules()) names.push_back(m.name);
+    for (const auto& m : jit::Injection::base_modules(model_)) names.push_back(m.name);
     collect_calls(injection, called);
     // Submodules an earlier bottleneck adapter follows: their boundary is that adapter's call.
     std::map<std::string, jit::Node*> earlier = earlier_adapter_calls(injection);
     for (const auto& entry : earlier) called.push_back(entry.first);
-    auto targets = select_targets(names, called, config.rule(), "AdapterConfig", "submodule called in forward");
+    auto targets = select_targets(names, called, injection.rule(config.rule()), "AdapterConfig", "submodule called in forward");
     std::set<std::string> wanted(targets.begin(), targets.end());
     for (const auto& [path, call] : earlier)
       if (wanted.erase(path)) insert(injection, config, path, call);

@@ -37,8 +37,7 @@ class Tuner : public jit::Tuner {
   Tuner(jit::Injection& injection, const BitFitConfig& config) {
     check<OptionError>(config.bias() || config.norm(), "BitFitConfig selects nothing to train");
     const size_t before = injection.copies().size();
-    for (const auto& m : injection.model().named_modules()) {
-      if (m.name.rfind(jit::Injection::kContainer, 0) == 0) continue;
+    for (const auto& m : jit::Injection::base_modules(injection.model())) {
       const bool norm = config.norm() && is_norm_module(m.value);
       for (const auto& p : m.value.named_parameters(/*recurse=*/false))
         if (norm || (config.bias() && p.name == "bias")) injection.train_copy(m.name, p.name);

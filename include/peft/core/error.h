@@ -2,6 +2,7 @@
 /// @file
 /// The exception types every peft function throws on bad input.
 
+#include <c10/util/Exception.h>
 #include <fmt/format.h>
 
 #include <stdexcept>
@@ -94,6 +95,13 @@ class CommunicationError : public Error {
 template <typename E = Error, typename... Args>
 inline void check(bool ok, fmt::format_string<Args...> message, Args&&... args) {
   if (!ok) throw E(fmt::format(message, std::forward<Args>(args)...));
+}
+
+/// Warns through LibTorch's mechanism (TORCH_WARN: stderr by default), so a
+/// program captures or silences peft's warnings like LibTorch's own.
+template <typename... Args>
+inline void warn(fmt::format_string<Args...> message, Args&&... args) {
+  TORCH_WARN("peft: ", fmt::format(message, std::forward<Args>(args)...));
 }
 
 }  // namespace peft

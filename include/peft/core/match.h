@@ -96,19 +96,32 @@ class TargetModules {
   bool all_linear_ = false;
 };
 
-/// The layer index in a module name, for layers_to_transform, as HF peft finds it.
-/// It is the number that follows one of `layers_pattern` and a dot (or, with no
-/// pattern, the first word and a dot); empty when the name has none.
+/// The layer index in a module name, for layers_to_transform: the number right
+/// after the first component matching one of `layers_pattern` (regexes) and a dot,
+/// or, with no pattern, the first numeric component that follows a word; empty when
+/// the name has none. The search stops at the first such place, so an index nested
+/// deeper (the expert in `layers.1.mlp.experts.0.w1`) never counts (HF peft matches
+/// lazily since it fixed the same bug; unlike HF, a pattern may also start the name).
 inline std::optional<int64_t> layer_index(const std::string& module_name, const std::vector<std::string>& layers_pattern) {
-  std::smatch m;
-  if (layers_pattern.empty()) {
-    if (std::regex_search(module_name, m, std::regex(R"(^(.*\.)?[^.]*\.(\d+)\.)"))) return std::stoll(m[2].str());
-    return std::nullopt;
+  // `(?:|.*?\.)` tries the empty prefix first, then ever longer ones: the first place wins.
+  const std::string prefix = R"(^(?:|.*?\.))";
+  std::vector<std::string> components;
+  if (layers_pattern.empty()) components.push_back(R"([^.]*[^.0-9][^.]*)");
+  for (const auto& pattern : layers_pattern) components.push_back("(?:" + pattern + ")");
+  std::optional<std::pair<size_t, int64_t>> first;  // (position, index) of the earliest match
+  for (const auto& component : components) {
+    std::smatch m;
+    if (std::regex_search(module_name, m, std::regex(prefix + component + R"(\.(\d+)\.)")) &&
+        (!first || static_cast<size_t>(m.position(1)) < first->first))
+      first = std::make_pair(static_cast<size_t>(m.position(1)), std::stoll(m[1].str()));
   }
-  for (const auto& pattern : layers_pattern)
-    if (std::regex_search(module_name, m, std::regex("^(.*\\.)?" + pattern + "\\.(\\d+)\\.")))
-      return std::stoll(m[2].str());
-  return std::nullopt;
+  return first ? std::optional<int64_t>(first->second) : std::nullopt;
+}
+
+/// Whether a rank_pattern / alpha_pattern key selects `module_name`: as a regex, it
+/// fully matches the name or the part after some dot.
+inline bool pattern_key_matches(const std::string& key, const std::string& module_name) {
+  return std::regex_match(module_name, std::regex("(.*\\.)?(" + key + ")"));
 }
 
 /// The rank_pattern / alpha_pattern lookup of HF peft.
@@ -117,8 +130,18 @@ inline std::optional<int64_t> layer_index(const std::string& module_name, const 
 template <typename T>
 std::optional<T> pattern_value(const std::map<std::string, T>& patterns, const std::string& module_name) {
   for (const auto& [key, value] : patterns)
-    if (std::regex_match(module_name, std::regex("(.*\\.)?(" + key + ")"))) return value;
+    if (pattern_key_matches(key, module_name)) return value;
   return std::nullopt;
+}
+
+/// The keys of `patterns` that select none of `modules`.
+template <typename T>
+std::vector<std::string> unmatched_keys(const std::map<std::string, T>& patterns, const std::vector<std::string>& modules) {
+  std::vector<std::string> out;
+  for (const auto& entry : patterns)
+    if (std::none_of(modules.begin(), modules.end(), [&](const std::string& m) { return pattern_key_matches(entry.first, m); }))
+      out.push_back(entry.first);
+  return out;
 }
 
 /// "a, b, c" (at most `limit` names, then "... (N more)").
@@ -147,7 +170,23 @@ struct TargetRule {
   std::vector<int64_t> layers_to_transform;
   /// Names of the layer lists the indices refer to.
   std::vector<std::string> layers_pattern;
+  /// A config read from a file (HF's rule): a pattern that matches nothing is
+  /// only warned about while another one matches. A config built in code is
+  /// strict: each pattern must match (a typo is an error).
+  bool from_file = false;
 };
+
+/// Reports `keys` of a per-module field (rank_pattern, ...) that match no targeted
+/// module: TargetError for a config built in code, a warning for one read from a file.
+inline void report_unmatched(const std::vector<std::string>& keys, bool from_file, const std::string& what,
+                             const std::vector<std::string>& candidates) {
+  if (keys.empty()) return;
+  std::vector<std::string> quoted;
+  for (const auto& key : keys) quoted.push_back("'" + key + "'");
+  check<TargetError>(from_file, "{}: key {} matches no targeted module; targeted modules: {}", what,
+                     join_names(quoted), join_names(candidates));
+  warn("{}: key {} matches no targeted module and is ignored", what, join_names(quoted));
+}
 
 /// Selects the modules among `names` that `rule` targets. `eligible` says
 /// whether a module can take the method; `eligible_kind` names that for errors
@@ -178,10 +217,15 @@ inline std::vector<std::string> select_targets(const std::vector<std::string>& n
                        method, name, patterns.front(), eligible_kind, eligible_kind, join_names(eligible));
     selected.push_back(name);
   }
+  std::vector<std::string> unmatched;
   for (const auto& pattern : target.patterns())
-    check<TargetError>(hits[pattern] > 0, "{}: target_modules pattern '{}' matched no module{}; candidates ({}s): {}",
-                       method, pattern, rule.layers_to_transform.empty() ? "" : " in layers_to_transform",
-                       eligible_kind, join_names(eligible));
+    if (hits[pattern] == 0) unmatched.push_back(pattern);
+  const std::string where = rule.layers_to_transform.empty() ? "" : " in layers_to_transform";
+  check<TargetError>(unmatched.empty() || (rule.from_file && unmatched.size() < target.patterns().size()),
+                     "{}: target_modules pattern '{}' matched no module{}; candidates ({}s): {}", method,
+                     join_names(unmatched), where, eligible_kind, join_names(eligible));
+  if (!unmatched.empty())
+    warn("{}: target_modules pattern {} matched no module{} and is ignored", method, join_names(unmatched), where);
   check<TargetError>(!selected.empty(), "{}: every module target_modules matched is excluded by exclude_modules", method);
   return selected;
 }

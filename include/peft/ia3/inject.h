@@ -61,7 +61,7 @@ class Tuner : public jit::Tuner {
  public:
   Tuner(jit::Injection& injection, const IA3Config& config) : model_(injection.model()) {
     injection.inline_all();
-    for (const auto& [target, uses] : jit::select_linear_targets(injection.graph(), model_, config.rule(), "IA3Config")) {
+    for (const auto& [target, uses] : jit::select_linear_targets(injection.graph(), model_, injection.rule(config.rule()), "IA3Config")) {
       const bool ff = !config.feedforward_modules().empty() && config.feedforward_modules().matches(target);
       add(injection, target, uses, ff, config.init_ia3_weights());
     }
@@ -120,7 +120,7 @@ class Tuner : public jit::Tuner {
                         "IA3 cannot be merged into '{}': its weight is NF4-quantised (merge LoRA instead, or keep the "
                         "adapter unmerged)", l.layer.target);
       torch::Tensor s = l.layer.module.attr("ia3_l").toTensor().detach();
-      torch::Tensor W = jit::base_tensor(model_, l.layer.target, "weight");
+      torch::Tensor W = jit::writable_base_tensor(model_, l.layer.target, "weight", "IA3");
       const bool rows = l.feedforward == l.fan_in_fan_out;  // which dim of W the vector runs along
       torch::Tensor shaped = rows ? s.unsqueeze(1) : s.unsqueeze(0);
       merge ? W.mul_(shaped) : W.div_(shaped);

@@ -79,7 +79,8 @@ inline nlohmann::json config_json(const PeftModel::Adapter& a) {
                                                                : nlohmann::json(init != LoraInit::Random)},
               {"fan_in_fan_out", c->fan_in_fan_out()},
               {"bias", c->bias() == LoraBias::None ? "none" : c->bias() == LoraBias::All ? "all" : "lora_only"},
-              {"modules_to_save", or_null(c->modules_to_save())}});
+              {"modules_to_save", or_null(c->modules_to_save())},
+              {"ensure_weight_tying", c->ensure_weight_tying()}});
     if (!c->slice_pattern().empty()) j["slice_pattern"] = c->slice_pattern();  // peft-cpp's per-slice LoRA
   } else if (const auto* c = std::get_if<IA3Config>(&a.config)) {
     j = detail::common("IA3");
@@ -172,15 +173,34 @@ class ConfigReader {
     return get<std::vector<int64_t>>(key, {});
   }
 
-  /// Fields HF writes that carry nothing peft-cpp uses (HF adds some every release).
-  void warn_unused() const {
-    static const std::set<std::string> quiet{"peft_type", "task_type", "base_model_name_or_path", "revision",
-                                             "inference_mode", "auto_mapping"};
+  /// The fields left unread: HF writes every field of its config class (new ones
+  /// each release), at their defaults unless the user set them. Bookkeeping and
+  /// initialisation-only fields pass quietly; a field that changes the computation
+  /// and that peft-cpp does not implement passes only at its off value (else
+  /// FileError: never silently wrong numbers); any other is warned about once.
+  void check_unused() const {
+    static const std::set<std::string> quiet{
+        "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+        "peft_version", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+        "lora_ga_config", "qalora_group_size", "runtime_config", "init_weights"};
+    static const std::map<std::string, nlohmann::json> off{
+        {"lora_bias", false},          {"use_qalora", false},          {"target_parameters", nullptr},
+        {"trainable_token_indices", nullptr}, {"layer_replication", nullptr}, {"alora_invocation_tokens", nullptr},
+        {"arrow_config", nullptr},     {"use_bdlora", nullptr},        {"kasa_config", nullptr},
+        {"monteclora_config", nullptr}, {"velora_config", nullptr}};
     std::vector<std::string> unknown;
-    for (const auto& [key, value] : j_.items())
-      if (!used_.count(key) && !quiet.count(key) && !value.is_null()) unknown.push_back(key);
-    if (!unknown.empty())
-      fmt::print(stderr, "peft: warning: '{}': ignoring config fields {}\n", source_, join_names(unknown));
+    for (const auto& [key, value] : j_.items()) {
+      if (used_.count(key) || quiet.count(key)) continue;
+      if (auto it = off.find(key); it != off.end()) {
+        check<FileError>(value.is_null() || value == it->second,
+                         "'{}': field '{}' = {} changes the computation, which peft-cpp does not implement (it "
+                         "loads only files with '{}' = {})",
+                         source_, key, value.dump(), key, it->second.dump());
+        continue;
+      }
+      if (!value.is_null()) unknown.push_back(key);
+    }
+    if (!unknown.empty()) warn("'{}': ignoring config fields {}", source_, join_names(unknown));
   }
 
  private:
@@ -217,6 +237,7 @@ inline PeftConfig config_from_json(const nlohmann::json& j, const std::string& s
                  .bias(bias == "none" ? LoraBias::None : bias == "all" ? LoraBias::All : LoraBias::LoraOnly)
                  .modules_to_save(r.strings_or_one("modules_to_save"))
                  .slice_pattern(r.get<SlicePattern>("slice_pattern", {}))
+                 .ensure_weight_tying(r.get<bool>("ensure_weight_tying", false))
                  .init_lora_weights(LoraInit::Zero);
     r.get<nlohmann::json>("init_lora_weights", nullptr);  // the weights come from the file
   } else if (type == "IA3") {
@@ -270,7 +291,7 @@ inline PeftConfig config_from_json(const nlohmann::json& j, const std::string& s
     throw FileError("'" + source + "': peft_type '" + type +
                     "' is not supported (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, BOTTLENECK_ADAPTER, BITFIT)");
   }
-  r.warn_unused();
+  r.check_unused();
   return config;
 }
 
@@ -361,9 +382,13 @@ inline void PeftModel::load_adapter(const std::filesystem::path& dir, const std:
   const PeftConfig config = io::config_from_json(j, config_path.string());
   io::TensorFile file = io::load_safetensors(weights_path);
   try {
-    add_adapter(name, config);
+    add_adapter(name, config, /*from_file=*/true);
+  } catch (const FileError&) {
+    throw;
   } catch (const TargetError& e) {  // the config names modules this model lacks
     throw FileError(fmt::format("'{}': adapter for a different model? {}", config_path.string(), e.what()));
+  } catch (const std::exception& e) {  // whatever the cause, a file that does not load names the file
+    throw FileError(fmt::format("'{}': {}", config_path.string(), e.what()));
   }
   try {
     std::set<std::string> expected;
@@ -383,13 +408,14 @@ inline void PeftModel::load_adapter(const std::filesystem::path& dir, const std:
     for (const auto& [key, t] : file.tensors)
       check<FileError>(expected.count(key), "'{}': tensor '{}' matches no module of this model (adapter for a different model?)",
                        weights_path.string(), key);
-  } catch (...) {
+  } catch (const std::exception& e) {
     if (adapters_.size() > 1) {
       delete_adapter(name);
     } else {
       adapters_.clear();
     }
-    throw;
+    if (dynamic_cast<const FileError*>(&e)) throw;
+    throw FileError(fmt::format("'{}': {}", weights_path.string(), e.what()));
   }
 }
 

@@ -31,12 +31,18 @@ struct AdapterLayer {
   torch::jit::Module module;  ///< holds the adapter's parameters and the `active`/`merged` flags
 };
 
+/// A module's tensor attribute: (dotted module path, attribute name).
+using TensorSlot = std::pair<std::string, std::string>;
+
 /// A base tensor replaced in the adapted model by a trainable copy (modules_to_save, BitFit, LoRA bias).
 struct TrainableCopy {
   std::string module;     ///< dotted path of the owning module
   std::string attribute;  ///< e.g. "bias"
   torch::Tensor original; ///< the base's tensor (shared with the base model)
   torch::Tensor copy;     ///< the adapted model's trainable tensor
+  /// Slots tied to `original` (sharing its storage, like GPT-2's lm_head and wte)
+  /// that hold the copy too: only with ensure_weight_tying.
+  std::vector<TensorSlot> tied = {};
 };
 
 /// Builds the adapted model for one adapter of one base model.
@@ -66,9 +72,10 @@ class Injection {
     return model;
   }
 
-  /// Adds adapter `adapter_name` to a model made by adapted_clone().
-  Injection(torch::jit::Module model, const std::string& adapter_name)
-      : adapter_name_(adapter_name), model_(std::move(model)) {
+  /// Adds adapter `adapter_name` to a model made by adapted_clone(); `from_file`:
+  /// its config was read from a file (see TargetRule::from_file).
+  Injection(torch::jit::Module model, const std::string& adapter_name, bool from_file = false)
+      : adapter_name_(adapter_name), from_file_(from_file), model_(std::move(model)) {
     container_ = model_.attr(kContainer).toModule();
     check<OptionError>(!container_.hasattr(adapter_name), "adapter '{}' already exists", adapter_name);
     adapters_ = new_module(model_, "Adapter_" + adapter_name);
@@ -77,11 +84,36 @@ class Injection {
     warn_about_baked_devices();
   }
 
+  /// Whether the dotted module `name` belongs to the library (an adapter or NF4
+  /// container on the root) rather than to the base model.
+  static bool is_library_module(const std::string& name) {
+    for (const char* container : {kContainer, kQuantContainer})
+      if (name == container || name.rfind(std::string(container) + ".", 0) == 0) return true;
+    return false;
+  }
+
+  /// The base model's own modules in `model` (name, module), root ("") included:
+  /// what target rules, modules_to_save and error messages see, for every adapter.
+  static std::vector<torch::jit::NameModule> base_modules(const torch::jit::Module& model) {
+    std::vector<torch::jit::NameModule> out;
+    for (const auto& m : model.named_modules())
+      if (!is_library_module(m.name)) out.push_back(m);
+    return out;
+  }
+
   /// Whether `call` runs an adapter layer (of this or an earlier adapter).
   static bool is_adapter_call(Node* call) { return calls_into(call, kContainer); }
 
   /// Whether `call` is one inlining keeps: an adapter layer or a quantised weight.
   static bool is_peft_call(Node* call) { return calls_into(call, kContainer) || calls_into(call, kQuantContainer); }
+
+  /// Whether the adapter's config was read from a file.
+  bool from_file() const { return from_file_; }
+  /// `rule` as this adapter applies it (lenient for a config read from a file).
+  TargetRule rule(TargetRule rule) const {
+    rule.from_file = from_file_;
+    return rule;
+  }
 
   torch::jit::Module& model() { return model_; }
   Graph& graph() { return *graph_; }
@@ -133,38 +165,67 @@ class Injection {
   }
 
   /// Replaces the adapted model's tensor `module.attribute` by a trainable copy.
-  void train_copy(const std::string& module, const std::string& attribute) {
+  /// A tensor tied to it elsewhere in the base (same storage) keeps the original,
+  /// as in HF peft, unless `keep_tied` (HF's ensure_weight_tying): then it holds the copy too.
+  void train_copy(const std::string& module, const std::string& attribute, bool keep_tied = false) {
     for (const auto& c : copies_)
-      if (c.module == module && c.attribute == attribute) return;
+      if ((c.module == module && c.attribute == attribute) ||
+          std::find(c.tied.begin(), c.tied.end(), TensorSlot{module, attribute}) != c.tied.end())
+        return;
     torch::jit::Module owner = submodule(model_, module);
     torch::Tensor original = owner.attr(attribute).toTensor();
     torch::Tensor copy = original.detach().clone().requires_grad_(true);
     owner.setattr(attribute, copy);
-    copies_.push_back({module, attribute, original, copy});
+    TrainableCopy trained{module, attribute, original, copy};
+    if (keep_tied) {
+      trained.tied = tied_slots(model_, original, {module, attribute});
+      for (const auto& [m, a] : trained.tied) submodule(model_, m).setattr(a, copy);
+    }
+    copies_.push_back(trained);
   }
 
   /// Every parameter of the adapted model's `module` (and its submodules) as a trainable copy.
-  void train_module_copy(const std::string& module) {
+  void train_module_copy(const std::string& module, bool keep_tied = false) {
     for (const auto& p : submodule(model_, module).named_parameters(/*recurse=*/true)) {
       const auto dot = p.name.rfind('.');
       const std::string owner = dot == std::string::npos ? module : module + "." + p.name.substr(0, dot);
-      train_copy(owner, dot == std::string::npos ? p.name : p.name.substr(dot + 1));
+      train_copy(owner, dot == std::string::npos ? p.name : p.name.substr(dot + 1), keep_tied);
     }
   }
 
+  /// The base model's tensor slots other than `except` whose storage `t` shares (tied weights).
+  static std::vector<TensorSlot> tied_slots(const torch::jit::Module& model, const torch::Tensor& t,
+                                            const TensorSlot& except) {
+    std::vector<TensorSlot> out;
+    for (const auto& m : base_modules(model))
+      for (const auto& a : m.value.named_attributes(/*recurse=*/false))
+        if (a.value.isTensor() && TensorSlot{m.name, a.name} != except && a.value.toTensor().defined() &&
+            a.value.toTensor().has_storage() && t.has_storage() &&
+            a.value.toTensor().storage().is_alias_of(t.storage()))
+          out.emplace_back(m.name, a.name);
+    return out;
+  }
+
   /// HF's modules_to_save: every module whose name is a key or ends with "." + key
-  /// trains fully, as a copy. Throws TargetError for a key that matches nothing.
-  void train_modules_to_save(const std::vector<std::string>& keys) {
+  /// trains fully, as a copy. As in HF peft, a key that matches nothing is only
+  /// warned about (a file written for sequence classification names both
+  /// `classifier` and `score`); TargetError when no key matches anything.
+  void train_modules_to_save(const std::vector<std::string>& keys, bool keep_tied = false) {
+    if (keys.empty()) return;
+    std::vector<std::string> all, unmatched;
+    for (const auto& m : base_modules(model_))
+      if (!m.name.empty()) all.push_back(m.name);
     for (const auto& key : keys) {
-      std::vector<std::string> matched, all;
-      for (const auto& m : model_.named_modules()) {
-        if (m.name.empty() || m.name.rfind(kContainer, 0) == 0) continue;
-        all.push_back(m.name);
-        if (TargetModules::matches_key(m.name, key)) matched.push_back(m.name);
-      }
-      check<TargetError>(!matched.empty(), "modules_to_save '{}' matched no module; modules: {}", key, join_names(all));
-      for (const auto& name : matched) train_module_copy(name);
+      std::vector<std::string> matched;
+      for (const auto& name : all)
+        if (TargetModules::matches_key(name, key)) matched.push_back(name);
+      if (matched.empty()) unmatched.push_back(key);
+      for (const auto& name : matched) train_module_copy(name, keep_tied);
     }
+    check<TargetError>(unmatched.size() < keys.size(), "modules_to_save {} matched no module; modules: {}",
+                       join_names(keys), join_names(all));
+    if (!unmatched.empty())
+      warn("modules_to_save {} matched no module and is ignored (the others train)", join_names(unmatched));
   }
 
   /// Installs the rewritten graph as the adapted model's forward.
@@ -230,6 +291,7 @@ class Injection {
   }
 
   std::string adapter_name_;
+  bool from_file_ = false;
   torch::jit::Module model_, container_, adapters_;
   std::shared_ptr<Graph> graph_;
   std::vector<AdapterLayer> layers_;
@@ -247,6 +309,21 @@ inline void set_flag(const AdapterLayer& layer, const std::string& flag, bool va
 /// The base tensor `attribute` of the module at `path` in `root`.
 inline torch::Tensor base_tensor(const torch::jit::Module& root, const std::string& path, const std::string& attribute) {
   return submodule(root, path).attr(attribute).toTensor();
+}
+
+/// The base tensor `path.attribute` that `method` is about to change in place;
+/// ModelError when another module shares its storage (tied weights), which the
+/// change would silently alter too.
+inline torch::Tensor writable_base_tensor(const torch::jit::Module& root, const std::string& path,
+                                          const std::string& attribute, const std::string& method) {
+  torch::Tensor t = base_tensor(root, path, attribute);
+  std::vector<std::string> tied;
+  for (const auto& [m, a] : Injection::tied_slots(root, t, {path, attribute})) tied.push_back(m + "." + a);
+  check<ModelError>(tied.empty(),
+                    "{}: merging into '{}.{}' would also change {}, which shares its storage (tied weights); keep "
+                    "the adapter unmerged, or export the model with the weights untied",
+                    method, path, attribute, join_names(tied));
+  return t;
 }
 
 /// Methods that rewrite a model implement this; PeftModel drives it.

@@ -135,7 +135,7 @@ inline std::map<std::string, std::vector<LinearSite>> select_linear_targets(Grap
                                                                             const std::string& method) {
   auto sites = sites_by_module(find_linear_sites(graph, model));
   std::vector<std::string> names, linear;
-  for (const auto& m : model.named_modules()) names.push_back(m.name);
+  for (const auto& m : Injection::base_modules(model)) names.push_back(m.name);
   for (const auto& [module, uses] : sites)
     if (!rule.target_modules.is_all_linear() || !is_output_head(module, uses)) linear.push_back(module);
   std::map<std::string, std::vector<LinearSite>> out;

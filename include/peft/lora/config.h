@@ -59,6 +59,11 @@ struct LoraConfig {
   TORCH_ARG(LoraBias, bias) = LoraBias::None;
   /// Base submodules (e.g. a classifier head) that train fully, as copies.
   TORCH_ARG(std::vector<std::string>, modules_to_save) = {};
+  /// modules_to_save on a module whose weight is tied to another (GPT-2's wte and
+  /// lm_head): false (HF's default) trains a copy for the named module only, the
+  /// other keeps the untrained weight, in the adapted and the merged model alike;
+  /// true (HF's ensure_weight_tying) gives the tied module the trained copy too.
+  TORCH_ARG(bool, ensure_weight_tying) = false;
   /// Per-slice LoRA on fused projections: key as in rank_pattern, value one flag
   /// per equal output slice, e.g. {"c_attn", {true, false, true}} for q and v of GPT-2.
   TORCH_ARG(SlicePattern, slice_pattern) = {};

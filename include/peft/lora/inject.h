@@ -79,13 +79,14 @@ class Tuner : public jit::Tuner {
  public:
   Tuner(jit::Injection& injection, const LoraConfig& config) : model_(injection.model()) {
     injection.inline_all();
-    for (const auto& [target, uses] : jit::select_linear_targets(injection.graph(), model_, config.rule(), "LoraConfig"))
-      add(injection, config, target, uses);
+    const auto targets = jit::select_linear_targets(injection.graph(), model_, injection.rule(config.rule()), "LoraConfig");
+    check_pattern_keys(config, targets, injection.from_file());
+    for (const auto& [target, uses] : targets) add(injection, config, target, uses);
     if (!orientation_mismatch_.empty())  // HF peft warns and corrects the same way
       fmt::print(stderr, "peft: warning: LoraConfig.fan_in_fan_out={} does not fit {}; using the layout the graph shows\n",
                  config.fan_in_fan_out(), join_names(orientation_mismatch_, 4));
     train_biases(injection, config);
-    injection.train_modules_to_save(config.modules_to_save());
+    injection.train_modules_to_save(config.modules_to_save(), config.ensure_weight_tying());
   }
 
   std::string method() const override { return "LoRA"; }
@@ -144,7 +145,8 @@ class Tuner : public jit::Tuner {
            const std::vector<jit::LinearSite>& uses) {
     const jit::LinearSite& site = uses.front();
     LoraOptions options = config.options_for(target);
-    options.validate(site.in_features, site.out_features, "LoraConfig target '" + target + "'");
+    options.validate(site.in_features, site.out_features, "LoraConfig target '" + target + "'",
+                     /*warn_rank=*/!injection.from_file());
     if (config.fan_in_fan_out() != site.fan_in_fan_out) orientation_mismatch_.push_back(target);
     auto [A, B, magnitude] = initial_factors(target, site, options);
     std::vector<std::pair<std::string, torch::Tensor>> params{{"lora_A", A}, {"lora_B", B}};
@@ -164,6 +166,17 @@ class Tuner : public jit::Tuner {
     }
     layers_.push_back({layer, options, site.fan_in_fan_out, {}, nf4::weight_module(model_, target), {},
                        config.quantize_base() && config.quantize_base()->requantize_on_merge()});
+  }
+
+  /// Every rank_pattern / alpha_pattern / slice_pattern key must select a targeted
+  /// module (report_unmatched: an error for a config built in code, a warning for a file).
+  static void check_pattern_keys(const LoraConfig& config, const std::map<std::string, std::vector<jit::LinearSite>>& targets,
+                                 bool from_file) {
+    std::vector<std::string> names;
+    for (const auto& entry : targets) names.push_back(entry.first);
+    report_unmatched(unmatched_keys(config.rank_pattern(), names), from_file, "LoraConfig.rank_pattern", names);
+    report_unmatched(unmatched_keys(config.alpha_pattern(), names), from_file, "LoraConfig.alpha_pattern", names);
+    report_unmatched(unmatched_keys(config.slice_pattern(), names), from_file, "LoraConfig.slice_pattern", names);
   }
 
   /// W + ΔW (DoRA: (W + ΔW)·m/‖W + ΔW‖, remembering the scale to unmerge).
@@ -205,14 +218,10 @@ class Tuner : public jit::Tuner {
                        "LoraConfig target '{}': LoraInit::PiSSA rewrites the base weight, which is NF4-quantised", target);
     torch::Tensor W = quantized ? nf4::current_weight(*quantized, nf4::source_dtype(*quantized))
                                 : jit::base_tensor(model_, target, "weight");
-    torch::Tensor W_out_in = site.fan_in_fan_out ? W.t() : W;
-    // The native module owns the initialisation rules; its factors are taken over.
-    torch::nn::Linear probe(torch::nn::LinearOptions(site.in_features, site.out_features).bias(false));
-    probe->to(W.device(), W.scalar_type());
-    probe->weight.copy_(W_out_in);
-    LoRALinear native(probe, options);
-    if (options.init() == LoraInit::PiSSA) W.copy_(site.fan_in_fan_out ? probe->weight.t() : probe->weight);
-    torch::Tensor A = native->lora_A.detach(), B = native->lora_B.detach();
+    torch::Tensor A, B, residual;
+    std::tie(A, B, residual) =
+        peft::detail::initial_factors(options, site.in_features, site.out_features, site.fan_in_fan_out ? W.t() : W);
+    if (residual.defined()) W.copy_(site.fan_in_fan_out ? residual.t() : residual);
     // The magnitude starts at the norm the layer computes, with the same ops on the
     // stored weight, so a fresh DoRA layer reproduces the base bit for bit.
     torch::Tensor magnitude;
@@ -224,7 +233,7 @@ class Tuner : public jit::Tuner {
 
   void train_biases(jit::Injection& injection, const LoraConfig& config) {
     if (config.bias() == LoraBias::None) return;
-    for (const auto& m : model_.named_modules()) {
+    for (const auto& m : jit::Injection::base_modules(model_)) {
       const bool lora_layer = std::any_of(layers_.begin(), layers_.end(), [&](const Layer& l) { return l.layer.target == m.name; });
       if (config.bias() == LoraBias::LoraOnly && !lora_layer) continue;
       if (m.value.hasattr("bias") && m.value.attr("bias").isTensor()) injection.train_copy(m.name, "bias");
@@ -238,7 +247,7 @@ class Tuner : public jit::Tuner {
         .enable_slices(l.options.enable_slices());
   }
   torch::Tensor factor(const Layer& l, const char* name) const { return l.layer.module.attr(name).toTensor().detach(); }
-  torch::Tensor weight(const Layer& l) const { return jit::base_tensor(model_, l.layer.target, "weight"); }
+  torch::Tensor weight(const Layer& l) const { return jit::writable_base_tensor(model_, l.layer.target, "weight", "LoRA"); }
   torch::Tensor delta_weight(const Layer& l) const {
     return functional::lora_delta_weight(factor(l, "lora_A"), factor(l, "lora_B"), func(l));
   }

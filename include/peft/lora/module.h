@@ -30,6 +30,31 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> pissa_factors(con
   return {A, B, weight - scaling * torch::matmul(B, A)};
 }
 
+/// LoRA's initial factors for a layer of `in` inputs and `out` outputs whose weight
+/// is `weight` [out, in] (its dtype and device; its values only for PiSSA):
+/// {A [r·k, in], B [out/n·k, r], PiSSA's residual weight or an undefined tensor}
+/// (n slices of which k are enabled; HF peft's init rules, see LoraInit).
+inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> initial_factors(const LoraOptions& o, int64_t in,
+                                                                               int64_t out, const torch::Tensor& weight) {
+  torch::NoGradGuard no_grad;
+  const auto& slices = o.enable_slices();
+  const int64_t n = slices.empty() ? 1 : static_cast<int64_t>(slices.size());
+  const int64_t k = slices.empty() ? 1 : static_cast<int64_t>(std::count(slices.begin(), slices.end(), true));
+  const int64_t r = o.r();
+  torch::Tensor A = torch::zeros({r * k, in}, weight.options()), B = torch::zeros({out / n * k, r}, weight.options());
+  switch (o.init()) {
+    case LoraInit::Default: torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0)); break;
+    case LoraInit::Gaussian: torch::nn::init::normal_(A, 0.0, 1.0 / static_cast<double>(r)); break;
+    case LoraInit::Random:
+      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
+      torch::nn::init::kaiming_uniform_(B, std::sqrt(5.0));
+      break;
+    case LoraInit::PiSSA: return pissa_factors(weight, r, o.scaling());
+    case LoraInit::Zero: break;
+  }
+  return {A, B, torch::Tensor()};
+}
+
 }  // namespace detail
 
 /// LoRA over a frozen `torch::nn::Linear`: y = base(x) + (alpha/r)·B·A·dropout(x).
@@ -207,27 +232,9 @@ class LoRALinearImpl : public torch::nn::Module {
 
   void init_factors(int64_t in, int64_t out) {
     torch::NoGradGuard no_grad;
-    const auto& slices = options_.enable_slices();
-    const int64_t n = slices.empty() ? 1 : static_cast<int64_t>(slices.size());
-    const int64_t k = slices.empty() ? 1 : static_cast<int64_t>(std::count(slices.begin(), slices.end(), true));
-    const int64_t r = options_.r();
-    const auto like = base->weight.options();  // the source dtype, also under QLoRA
-    torch::Tensor A = torch::zeros({r * k, in}, like), B = torch::zeros({out / n * k, r}, like);
-    switch (options_.init()) {
-      case LoraInit::Default: torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0)); break;
-      case LoraInit::Gaussian: torch::nn::init::normal_(A, 0.0, 1.0 / static_cast<double>(r)); break;
-      case LoraInit::Random:
-        torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
-        torch::nn::init::kaiming_uniform_(B, std::sqrt(5.0));
-        break;
-      case LoraInit::PiSSA: {
-        torch::Tensor residual;
-        std::tie(A, B, residual) = detail::pissa_factors(base->weight, r, options_.scaling());
-        base->weight.copy_(residual);
-        break;
-      }
-      case LoraInit::Zero: break;
-    }
+    torch::Tensor A, B, residual;
+    std::tie(A, B, residual) = detail::initial_factors(options_, in, out, base->weight);
+    if (residual.defined()) base->weight.copy_(residual);
     lora_A = register_parameter("lora_A", A);
     lora_B = register_parameter("lora_B", B);
     if (options_.use_dora())

@@ -59,11 +59,16 @@ struct LoraOptions {
   }
 
   /// Checks the options against a layer of `in` inputs and `out` outputs;
-  /// `where` names the layer in the error message.
-  void validate(int64_t in, int64_t out, const std::string& where) const {
+  /// `where` names the layer in the error message. A rank above min(in, out) is
+  /// allowed, as in HF peft (the update's rank is then at most min(in, out)), with
+  /// a warning when `warn_rank` (configs built in code; files load quietly).
+  void validate(int64_t in, int64_t out, const std::string& where, bool warn_rank = true) const {
     check<OptionError>(r_ >= 1, "{}: LoraOptions.r must be >= 1, got {}", where, r_);
-    check<OptionError>(r_ <= std::min(in, out), "{}: LoraOptions.r must be <= min(in={}, out={}) = {}, got {}", where,
-                       in, out, std::min(in, out), r_);
+    check<OptionError>(r_ <= std::min(in, out) || init_ != LoraInit::PiSSA,
+                       "{}: LoraInit::PiSSA needs LoraOptions.r <= min(in={}, out={}), got {}", where, in, out, r_);
+    if (warn_rank && r_ > std::min(in, out))
+      warn("{}: LoraOptions.r = {} exceeds min(in={}, out={}); the update's rank is at most {}", where, r_, in, out,
+           std::min(in, out));
     check<OptionError>(dropout_ >= 0.0 && dropout_ < 1.0, "{}: LoraOptions.dropout must be in [0, 1), got {}", where,
                        dropout_);
     check<OptionError>(std::isfinite(alpha_) && alpha_ != 0,

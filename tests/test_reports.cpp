@@ -1,0 +1,431 @@
+// Real-world faults (issue 17), each a kind: target rules that see only the base
+// model, layer indices, fields HF fills, per-module keys, tied weights, combined
+// adapters, loading errors. Suite RealHfPeft compares with the real HF peft
+// (tools/reference/hf_cases.py, run by the reference venv's Python).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <peft/peft.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "fixtures.h"
+
+namespace {
+
+using peft_test::expect_error;
+using ::testing::HasSubstr;
+using ::testing::Not;
+namespace fs = std::filesystem;
+
+torch::jit::Module load_case(const std::string& name) { return peft_test::load_fixture(name, "scripted"); }
+
+/// Inputs inside every case's vocabulary (the comparisons with HF read theirs from its files).
+std::vector<torch::jit::IValue> case_inputs(const std::string& name) {
+  torch::Tensor ids = torch::tensor({{9, 23, 44, 3, 1, 16}, {18, 5, 30, 47, 12, 2}});
+  if (name != "bert_cls") return {ids};
+  return {ids, torch::tensor({{1, 1, 1, 1, 1, 1}, {1, 1, 1, 1, 0, 0}})};
+}
+
+torch::Tensor run(peft::PeftModel& model, const std::vector<torch::jit::IValue>& inputs) {
+  return model.forward(inputs).toTensor();
+}
+torch::Tensor run(torch::jit::Module& model, const std::vector<torch::jit::IValue>& inputs) {
+  return model.forward(inputs).toTensor();
+}
+
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+/// AdamW steps towards a fixed random target; returns the first and last loss.
+std::pair<double, double> train(peft::PeftModel& model, const std::vector<torch::jit::IValue>& inputs, int steps) {
+  torch::manual_seed(11);
+  torch::Tensor target = torch::randn_like(run(model, inputs).detach());
+  torch::optim::AdamW opt(model.trainable_parameters(), torch::optim::AdamWOptions(1e-2).weight_decay(0));
+  double first = 0, last = 0;
+  for (int i = 0; i < steps; ++i) {
+    opt.zero_grad();
+    torch::Tensor loss = (run(model, inputs) - target).pow(2).mean();
+    loss.backward();
+    opt.step();
+    (i == 0 ? first : last) = loss.item<double>();
+  }
+  return {first, last};
+}
+
+void randomise(peft::PeftModel& model) {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(5);
+  for (auto& p : model.trainable_parameters()) p.add_(0.2 * torch::randn_like(p));
+}
+
+std::vector<std::string> targets_of(const peft::PeftModel& model, const std::string& adapter = "") {
+  std::vector<std::string> out;
+  for (const auto& l : model.adapter_layers(adapter)) out.push_back(l.target);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+/// What `fn` prints to stderr (peft::warn goes through TORCH_WARN, which prints there).
+template <typename Fn>
+std::string stderr_of(Fn&& fn) {
+  ::testing::internal::CaptureStderr();
+  fn();
+  return ::testing::internal::GetCapturedStderr();
+}
+
+// ------------------------------------------------ 1. the library's own modules
+TEST(TargetRules, QLoRAResolvesTargetsAgainstTheBaseModelOnly) {
+  torch::jit::Module base = load_case("mlp");
+  const auto inputs = case_inputs("mlp");
+  const torch::Tensor expected = run(base, inputs);
+  // The reported input: fc1 matched 'peft_nf4.fc1', the NF4 container the library adds.
+  peft::PeftModel model = peft::get_peft_model(load_case("mlp"), peft::LoraConfig().r(4).target_modules({"fc1"})
+                                                                      .quantize_base(peft::NF4Config().blocksize(32)));
+  EXPECT_EQ(targets_of(model), std::vector<std::string>{"fc1"});
+  EXPECT_LT(max_diff(run(model, inputs), expected), 0.1);  // NF4 error only: B = 0
+  // Every later adapter, and every error's candidate list, sees base names only.
+  model.add_adapter("two", peft::LoraConfig().r(2).target_modules({"fc1", "fc2"}));
+  EXPECT_EQ(targets_of(model, "two"), (std::vector<std::string>{"fc1", "fc2"}));
+  model.add_adapter("three", peft::IA3Config().target_modules("fc.*"));
+  EXPECT_EQ(targets_of(model, "three"), (std::vector<std::string>{"fc1", "fc2"}));
+  model.add_adapter("bias", peft::BitFitConfig());
+  for (const auto& c : model.adapter("bias").copies) EXPECT_THAT(c.module, Not(HasSubstr("peft_"))) << c.module;
+  try {
+    model.add_adapter("bad", peft::LoraConfig().target_modules({"nope"}));
+    ADD_FAILURE() << "no TargetError";
+  } catch (const peft::TargetError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("'nope' matched no module"));
+    EXPECT_THAT(e.what(), Not(HasSubstr("peft_")));
+  }
+}
+
+TEST(TargetRules, LaterAdaptersAndLoadedOnesSeeTheBaseModulesOnly) {
+  // The reported input: a second adapter on `classifier`, which the first saves.
+  peft::PeftModel model = peft::get_peft_model(
+      load_case("bert_cls"), peft::LoraConfig().r(4).target_modules({"query", "value"}).modules_to_save({"classifier"}));
+  model.add_adapter("two", peft::LoraConfig().r(2).target_modules({"classifier"}));
+  EXPECT_EQ(targets_of(model, "two"), std::vector<std::string>{"classifier"});
+  model.add_adapter("three", peft::LoraConfig().r(2).target_modules({"dense"}).modules_to_save({"pooler_missing", "word_embeddings"}));
+  const fs::path dir = peft_test::fresh_dir("base_names_only");
+  model.save_pretrained(dir);
+  peft::PeftModel loaded = peft::PeftModel::from_pretrained(load_case("bert_cls"), dir);
+  loaded.load_adapter(dir / "two", "two");
+  loaded.load_adapter(dir / "three", "three");
+  EXPECT_EQ(targets_of(loaded, "two"), std::vector<std::string>{"classifier"});
+  EXPECT_EQ(targets_of(loaded, "three"), targets_of(model, "three"));
+}
+
+// ------------------------------------------------------------ 2. layer index
+TEST(TargetRules, LayerIndexIsTheFirstNumberAfterThePatternOrAWord) {
+  using peft::layer_index;
+  const std::vector<std::string> none, layers{"layers"}, h{"h"}, layer{"layer"};
+  EXPECT_EQ(layer_index("layers.1.mlp.experts.0.w1", none), 1);  // the reported name: the expert index came out
+  EXPECT_EQ(layer_index("layers.1.mlp.experts.0.w1", layers), 1);
+  EXPECT_EQ(layer_index("model.layers.0.mlp.experts.1.w1", none), 0);
+  EXPECT_EQ(layer_index("model.layers.0.mlp.experts.1.w1", layers), 0);
+  EXPECT_EQ(layer_index("model.layers.12.block_sparse_moe.experts.7.w3", layers), 12);
+  EXPECT_EQ(layer_index("transformer.h.3.attn.c_attn", none), 3);
+  EXPECT_EQ(layer_index("transformer.h.3.attn.c_attn", h), 3);
+  EXPECT_EQ(layer_index("bert.encoder.layer.11.attention.self.query", layer), 11);
+  EXPECT_EQ(layer_index("blocks.2.0.w", none), 2);                     // nested lists: the outer index
+  EXPECT_EQ(layer_index("encoder.stages.1.layers.4.q", layers), 4);    // the pattern, not the first number
+  EXPECT_EQ(layer_index("encoder.stages.1.layers.4.q", none), 1);
+  EXPECT_EQ(layer_index("experts.3.w1", layers), std::nullopt);        // no pattern in the name
+  EXPECT_EQ(layer_index("layers.7", none), std::nullopt);              // the list itself, not a layer's module
+  EXPECT_EQ(layer_index("lm_head", none), std::nullopt);
+  EXPECT_EQ(layer_index("model.mylayers.2.q", layers), std::nullopt);  // a whole component, not a suffix
+  EXPECT_EQ(layer_index("model.layers.5.q", {"blocks", "layers"}), 5);
+}
+
+TEST(TargetRules, LayersToTransformAdaptsEveryExpertOfTheLayerAndNothingElse) {
+  const std::vector<std::string> layer1{"layers.1.mlp.experts.0.w1", "layers.1.mlp.experts.1.w1"};
+  for (const auto& pattern : {std::vector<std::string>{}, std::vector<std::string>{"layers"}}) {
+    peft::PeftModel model = peft::get_peft_model(
+        load_case("moe"), peft::LoraConfig().r(2).target_modules({"w1"}).layers_to_transform({1}).layers_pattern(pattern));
+    EXPECT_EQ(targets_of(model), layer1);
+    peft::PeftModel prefixed = peft::get_peft_model(
+        load_case("moe_model"), peft::LoraConfig().r(2).target_modules({"w1"}).layers_to_transform({1}).layers_pattern(pattern));
+    EXPECT_EQ(targets_of(prefixed), (std::vector<std::string>{"model." + layer1[0], "model." + layer1[1]}));
+  }
+  peft::PeftModel both = peft::get_peft_model(
+      load_case("moe"), peft::LoraConfig().r(2).target_modules({"w2", "gate"}).layers_to_transform({0}));
+  EXPECT_EQ(targets_of(both), (std::vector<std::string>{"layers.0.mlp.experts.0.w2", "layers.0.mlp.experts.1.w2",
+                                                         "layers.0.mlp.gate"}));
+}
+
+// ----------------------------------------------- 3. fields that need not all match
+TEST(TargetRules, ModulesToSaveWarnsAboutKeysThatMatchNothingWhileOneMatches) {
+  std::string err = stderr_of([] {
+    peft::PeftModel model = peft::get_peft_model(
+        load_case("bert_cls"), peft::LoraConfig().r(4).target_modules({"query"}).modules_to_save({"classifier", "score"}));
+    EXPECT_EQ(model.adapter("default").copies.size(), 2u);  // classifier.weight, classifier.bias
+  });
+  EXPECT_THAT(err, HasSubstr("modules_to_save score matched no module and is ignored"));
+  expect_error<peft::TargetError>(
+      [] { peft::get_peft_model(load_case("bert_cls"), peft::LoraConfig().target_modules({"query"}).modules_to_save({"score"})); },
+      {"modules_to_save score matched no module", "bert.embeddings"});
+}
+
+TEST(TargetRules, AFileMayNameTargetsAndModulesThisModelLacksWhileOneMatches) {
+  peft::PeftModel model = peft::get_peft_model(
+      load_case("bert_cls"), peft::LoraConfig().r(4).target_modules({"query", "value"}).modules_to_save({"classifier"}));
+  randomise(model);
+  model.eval();
+  const auto inputs = case_inputs("bert_cls");
+  const torch::Tensor expected = run(model, inputs).detach();
+  const fs::path dir = peft_test::fresh_dir("lenient_file");
+  model.save_pretrained(dir);
+  auto config = nlohmann::json::parse(peft::io::read_file(dir / "adapter_config.json"));
+  config["task_type"] = "SEQ_CLS";
+  config["modules_to_save"] = {"classifier", "score"};   // what HF writes for sequence classification
+  config["target_modules"] = {"query", "value", "q_proj"};  // an architecture-wide default list
+  peft::io::write_file_atomic(dir / "adapter_config.json", config.dump());
+  std::string err = stderr_of([&] {
+    peft::PeftModel loaded = peft::PeftModel::from_pretrained(load_case("bert_cls"), dir);
+    loaded.eval();
+    EXPECT_LT(max_diff(run(loaded, inputs), expected), 1e-6);
+  });
+  EXPECT_THAT(err, HasSubstr("modules_to_save score matched no module"));
+  EXPECT_THAT(err, HasSubstr("target_modules pattern q_proj matched no module"));
+  config["target_modules"] = {"q_proj"};  // none matches: a file for another model
+  peft::io::write_file_atomic(dir / "adapter_config.json", config.dump());
+  expect_error<peft::FileError>([&] { peft::PeftModel::from_pretrained(load_case("bert_cls"), dir); },
+                                {"adapter_config.json", "adapter for a different model?", "'q_proj' matched no module"});
+}
+
+// ------------------------------------------------------ 4. per-module key maps
+TEST(TargetRules, RankAndAlphaPatternKeysMustSelectATargetedModule) {
+  auto cfg = peft::LoraConfig().r(4).lora_alpha(8).target_modules({"query", "value"});
+  // The reported input: a typo built silently, every scaling 2.0.
+  expect_error<peft::TargetError>(
+      [&] { peft::get_peft_model(load_case("bert_cls"), peft::LoraConfig(cfg).alpha_pattern({{"q_porj_typo", 100.0}})); },
+      {"LoraConfig.alpha_pattern", "q_porj_typo", "bert.encoder.layer.0.attention.self.query"});
+  expect_error<peft::TargetError>(
+      [&] { peft::get_peft_model(load_case("bert_cls"), peft::LoraConfig(cfg).rank_pattern({{"key", 2}})); },
+      {"LoraConfig.rank_pattern", "'key'"});
+  expect_error<peft::TargetError>(
+      [&] { peft::get_peft_model(load_case("bert_cls"), peft::LoraConfig(cfg).slice_pattern({{"dense", {true, false}}})); },
+      {"LoraConfig.slice_pattern", "dense"});
+  peft::PeftModel ok = peft::get_peft_model(load_case("bert_cls"), peft::LoraConfig(cfg).alpha_pattern({{"query", 100.0}})
+                                                                       .rank_pattern({{"layer\\.1\\..*value", 2}}));
+  for (const auto& l : ok.adapter_layers()) {
+    const bool query = l.target.find("query") != std::string::npos, v1 = l.target == "bert.encoder.layer.1.attention.self.value";
+    EXPECT_DOUBLE_EQ(l.module.attr("scaling").toDouble(), query ? 25.0 : v1 ? 4.0 : 2.0) << l.target;
+  }
+  // From a file (HF's rule): a warning, and the file loads.
+  const fs::path dir = peft_test::fresh_dir("pattern_keys");
+  ok.save_pretrained(dir);
+  auto config = nlohmann::json::parse(peft::io::read_file(dir / "adapter_config.json"));
+  config["alpha_pattern"]["q_porj_typo"] = 100;
+  peft::io::write_file_atomic(dir / "adapter_config.json", config.dump());
+  const std::string err = stderr_of([&] { peft::PeftModel::from_pretrained(load_case("bert_cls"), dir); });
+  EXPECT_THAT(err, HasSubstr("LoraConfig.alpha_pattern: key 'q_porj_typo' matches no targeted module and is ignored"));
+}
+
+// -------------------------------------------- 6. loading applies the rules of files
+TEST(Loading, ARankAboveMinInOutIsAllowedAsInHfPeft) {
+  // The reported input: r = 4 on an MoE router Linear(16, 2).
+  const std::string err = stderr_of([] {
+    peft::PeftModel model = peft::get_peft_model(load_case("moe"), peft::LoraConfig().r(4).target_modules({"gate"}));
+    EXPECT_EQ(model.adapter_layers().front().module.attr("lora_A").toTensor().sizes(), (std::vector<int64_t>{4, 16}));
+  });
+  EXPECT_THAT(err, HasSubstr("LoraConfig target 'layers.0.mlp.gate': LoraOptions.r = 4 exceeds min(in=16, out=2)"));
+  torch::nn::Linear gate(torch::nn::LinearOptions(16, 2).bias(false));
+  peft::LoRALinear layer(gate, peft::LoraOptions(4).alpha(8).init(peft::LoraInit::Random));
+  torch::Tensor x = torch::randn({3, 16});
+  torch::Tensor expected = torch::matmul(x, (gate->weight + 2.0 * torch::matmul(layer->lora_B, layer->lora_A)).t());
+  EXPECT_LT(max_diff(layer(x), expected), 1e-5);
+  expect_error<peft::OptionError>([&] { peft::LoRALinear(gate, peft::LoraOptions(4).init(peft::LoraInit::PiSSA)); },
+                                  {"PiSSA needs LoraOptions.r <= min(in=16, out=2)"});
+}
+
+TEST(Loading, EveryErrorWhileLoadingIsAFileErrorNamingTheFile) {
+  peft::PeftModel model = peft::get_peft_model(load_case("moe"), peft::LoraConfig().r(2).target_modules({"w1"}));
+  const fs::path dir = peft_test::fresh_dir("load_errors");
+  model.save_pretrained(dir);
+  const std::string good = peft::io::read_file(dir / "adapter_config.json");
+  auto with = [&](const char* key, const nlohmann::json& value) {
+    auto j = nlohmann::json::parse(good);
+    j[key] = value;
+    peft::io::write_file_atomic(dir / "adapter_config.json", j.dump());
+  };
+  auto fails = [&](std::initializer_list<const char*> fragments) {
+    expect_error<peft::FileError>([&] { peft::PeftModel::from_pretrained(load_case("moe"), dir); }, fragments);
+  };
+  with("lora_alpha", 0);  // an OptionError of the config rules, raised while loading
+  fails({"adapter_config.json", "LoraOptions.alpha must be finite and non-zero"});
+  with("lora_dropout", 1.5);
+  fails({"adapter_config.json", "LoraOptions.dropout must be in [0, 1)"});
+  with("lora_bias", true);  // HF fields that change the computation are refused, not ignored
+  fails({"adapter_config.json", "'lora_bias' = true changes the computation"});
+  with("target_parameters", nlohmann::json::array({"experts.w1"}));
+  fails({"'target_parameters'"});
+  with("layer_replication", nlohmann::json::array({nlohmann::json::array({0, 1})}));
+  fails({"'layer_replication'"});
+  // HF's bookkeeping and initialisation-only fields at any value load quietly.
+  auto j = nlohmann::json::parse(good);
+  j.update({{"peft_version", "0.21.2"}, {"lora_bias", false}, {"use_qalora", false}, {"qalora_group_size", 16},
+            {"loftq_config", nlohmann::json::object()}, {"megatron_core", "megatron.core"}, {"eva_config", nullptr}});
+  peft::io::write_file_atomic(dir / "adapter_config.json", j.dump());
+  EXPECT_EQ(stderr_of([&] { peft::PeftModel::from_pretrained(load_case("moe"), dir); }), "");
+}
+
+// ---------------------------------------------------------------- 5. tied weights
+struct TiedCase {
+  std::vector<std::string> modules_to_save;
+  bool keep_tied;
+};
+
+TEST(TiedWeights, MergeAndUnloadEqualsTheAdaptedModelForEveryTiedCombination) {
+  const auto inputs = case_inputs("gpt2_tied");
+  for (const TiedCase& c : {TiedCase{{"wte"}, false}, TiedCase{{"lm_head"}, false}, TiedCase{{"wte", "lm_head"}, false},
+                            TiedCase{{"wte"}, true}, TiedCase{{"lm_head"}, true}, TiedCase{{"wte", "lm_head"}, true}}) {
+    const std::string name = fmt::format("{} tied={}", peft::join_names(c.modules_to_save), c.keep_tied);
+    torch::jit::Module base = load_case("gpt2_tied");
+    const torch::Tensor wte = base.attr("transformer").toModule().attr("wte").toModule().attr("weight").toTensor();
+    const torch::Tensor before = wte.clone();
+    peft::PeftModel model = peft::get_peft_model(base, peft::LoraConfig().r(2).target_modules({"c_attn"})
+                                                            .modules_to_save(c.modules_to_save).ensure_weight_tying(c.keep_tied));
+    // One trained tensor however the tie is named; the tied slot follows it only with ensure_weight_tying.
+    EXPECT_EQ(model.adapter("default").copies.size(), c.keep_tied ? 1u : c.modules_to_save.size()) << name;
+    const auto [first, last] = train(model, inputs, 5);
+    EXPECT_LT(last, first) << name;
+    model.eval();
+    torch::NoGradGuard no_grad;
+    const torch::Tensor adapted = run(model, inputs);
+    const fs::path dir = peft_test::fresh_dir("tied");
+    model.save_pretrained(dir);
+    torch::jit::Module merged = model.merge_and_unload();
+    EXPECT_LT(max_diff(run(merged, inputs), adapted), 1e-5) << name;
+    EXPECT_TRUE(torch::equal(wte, before)) << name << ": the trained copy was written through the tied storage";
+    peft::PeftModel loaded = peft::PeftModel::from_pretrained(load_case("gpt2_tied"), dir);
+    loaded.eval();
+    EXPECT_LT(max_diff(run(loaded, inputs), adapted), 1e-5) << name;
+  }
+}
+
+TEST(TiedWeights, MergingIntoATiedWeightIsRefusedNotWrittenThrough) {
+  torch::jit::Module base = load_case("gpt2_tied");
+  peft::PeftModel model = peft::get_peft_model(base, peft::LoraConfig().r(2).target_modules({"lm_head"}).init_lora_weights(peft::LoraInit::Random));
+  expect_error<peft::ModelError>([&] { model.merge_adapter(); },
+                                 {"merging into 'lm_head.weight' would also change transformer.wte.weight", "tied"});
+  EXPECT_FALSE(model.merged());
+  peft::PeftModel ia3 = peft::get_peft_model(load_case("gpt2_tied"), peft::IA3Config().target_modules({"lm_head"}));
+  expect_error<peft::ModelError>([&] { ia3.merge_adapter(); }, {"IA3", "transformer.wte.weight"});
+}
+
+// ---------------------------------------------------------- 7. combining adapters
+TEST(CombinedAdapters, MergedEqualsUnmergedForEveryCombinationAccepted) {
+  const auto ref = peft_test::load_reference("llama");
+  auto lora = [](const std::vector<std::string>& targets, int64_t r) {
+    return peft::LoraConfig().r(r).lora_alpha(2.0 * r).target_modules(targets).init_lora_weights(peft::LoraInit::Random);
+  };
+  struct Combo {
+    std::string name;
+    peft::PeftConfig a, b;
+  };
+  for (const Combo& c : {Combo{"two LoRA on one layer", lora({"q_proj", "v_proj"}, 2), lora({"q_proj", "o_proj"}, 4)},
+                         Combo{"LoRA and DoRA on other layers", lora({"q_proj"}, 2), peft::LoraConfig(lora({"v_proj"}, 2)).use_dora(true)},
+                         Combo{"LoRA and IA3 on other layers", lora({"q_proj"}, 2), peft::IA3Config().target_modules({"v_proj", "down_proj"})
+                                                                                        .feedforward_modules({"down_proj"}).init_ia3_weights(false)}}) {
+    peft::PeftModel model = peft::get_peft_model(peft_test::load_fixture("llama", "scripted"), c.a);
+    model.add_adapter("b", c.b);
+    model.set_adapter({"default", "b"});
+    randomise(model);
+    model.eval();
+    torch::NoGradGuard no_grad;
+    const torch::Tensor unmerged = run(model, ref.inputs);
+    model.merge_adapter();
+    EXPECT_LT(max_diff(run(model, ref.inputs), unmerged), 1e-5) << c.name;
+    model.unmerge_adapter();
+    EXPECT_LT(max_diff(run(model, ref.inputs), unmerged), 1e-5) << c.name;
+  }
+}
+
+TEST(CombinedAdapters, RescalingAdaptersSharingALayerAreRefused) {
+  const auto dora = peft::LoraConfig().r(2).use_dora(true).target_modules({"q_proj", "v_proj"});
+  struct Refused {
+    std::string name;
+    peft::PeftConfig b;
+    const char* rescaling;
+  };
+  for (const Refused& c : {Refused{"two DoRA", dora, "default, b"},
+                           Refused{"DoRA and LoRA", peft::LoraConfig().r(2).target_modules({"v_proj"}), "default"},
+                           Refused{"DoRA and IA3", peft::IA3Config().target_modules({"q_proj"}), "default, b"}}) {
+    peft::PeftModel model = peft::get_peft_model(peft_test::load_fixture("llama", "scripted"), dora);
+    model.add_adapter("b", c.b);
+    expect_error<peft::OptionError>([&] { model.set_adapter({"default", "b"}); },
+                                    {"adapters default, b all adapt 'model.layers.0.self_attn.", c.rescaling, "DoRA / IA3"});
+    EXPECT_EQ(model.active_adapters(), std::vector<std::string>{"default"}) << c.name;
+    model.set_adapter("b");  // one at a time stays fine
+  }
+  peft::PeftModel ia3_lora = peft::get_peft_model(peft_test::load_fixture("llama", "scripted"),
+                                                  peft::IA3Config().target_modules({"k_proj"}));
+  ia3_lora.add_adapter("b", peft::LoraConfig().r(2).target_modules({"k_proj"}));
+  expect_error<peft::OptionError>([&] { ia3_lora.set_adapter({"default", "b"}); }, {"'model.layers.0.self_attn.k_proj'"});
+}
+
+// ------------------------------------------------------- the real HF peft (PyPI)
+/// Tensors a reference script wrote (safetensors: written by torch 2.x, read by any LibTorch).
+std::map<std::string, torch::Tensor> read_io(const fs::path& case_dir) {
+  return peft::io::load_safetensors(case_dir / "io.safetensors").tensors;
+}
+
+std::vector<torch::jit::IValue> io_inputs(const std::map<std::string, torch::Tensor>& io) {
+  std::vector<torch::jit::IValue> inputs;
+  for (int i = 0; io.count("input_" + std::to_string(i)); ++i) inputs.emplace_back(io.at("input_" + std::to_string(i)));
+  return inputs;
+}
+
+class RealHfPeft : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (peft_test::reference_python().empty()) return;
+    dir_ = new fs::path(peft_test::fresh_dir("hf_cases"));
+    status_ = peft_test::run_reference_tool("reference/hf_cases.py " + dir_->string());
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  void SetUp() override {
+    PEFT_REQUIRE_REFERENCE_PYTHON();
+    ASSERT_EQ(status_, 0) << "tools/reference/hf_cases.py failed";
+  }
+
+  /// Loads HF's adapter `name` onto `model_case` and checks both outputs against HF's (1e-5).
+  static void expect_same_as_hf(const std::string& name, const std::string& model_case) {
+    const auto io = read_io(*dir_ / name);
+    const auto inputs = io_inputs(io);
+    peft::PeftModel model = peft::PeftModel::from_pretrained(load_case(model_case), *dir_ / name);
+    model.eval();
+    torch::NoGradGuard no_grad;
+    EXPECT_LT(max_diff(run(model, inputs), io.at("expected")), 1e-5) << name;
+    torch::jit::Module merged = model.merge_and_unload();
+    EXPECT_LT(max_diff(run(merged, inputs), io.at("expected_merged")), 1e-5) << name;
+  }
+
+  static fs::path* dir_;
+  static int status_;
+};
+fs::path* RealHfPeft::dir_ = nullptr;
+int RealHfPeft::status_ = -1;
+
+TEST_F(RealHfPeft, SequenceClassificationFileNamingClassifierAndScoreLoads) {
+  expect_same_as_hf("seq_cls", "bert_cls");  // modules_to_save ["classifier", "score"], as HF writes it
+}
+
+TEST_F(RealHfPeft, RankAboveMinInOutOnARouterLoads) { expect_same_as_hf("router_r4", "moe"); }
+
+TEST_F(RealHfPeft, TiedModulesToSaveAndMergeLikeHf) { expect_same_as_hf("tied_wte", "tied_lm"); }
+
+TEST_F(RealHfPeft, LayersToTransformSelectsWhatHfSelects) {
+  const auto hf = nlohmann::json::parse(peft::io::read_file(*dir_ / "layer_index" / "targets.json"));
+  const std::map<std::string, peft::LoraConfig> configs{
+      {"w1_layer1", peft::LoraConfig().r(2).target_modules({"w1"}).layers_to_transform({1})},
+      {"w1_layer1_pattern", peft::LoraConfig().r(2).target_modules({"w1"}).layers_to_transform({1}).layers_pattern({"layers"})},
+      {"w2_layer0", peft::LoraConfig().r(2).target_modules({"w2", "gate"}).layers_to_transform({0})}};
+  for (const auto& [key, config] : configs) {
+    peft::PeftModel model = peft::get_peft_model(load_case("moe_model"), config);
+    EXPECT_EQ(targets_of(model), hf.at(key).get<std::vector<std::string>>()) << key;
+  }
+}
+
+}  // namespace
