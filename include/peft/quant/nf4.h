@@ -5,17 +5,25 @@
 ///
 /// Layout (bitsandbytes' `quantize_4bit(quant_type="nf4")`): the flattened
 /// weight in blocks of `blocksize`, one fp32 absmax per block, each element
-/// x·(1/absmax) mapped to the nearest of 16 NF4 codes (by the midpoints, ties
-/// to the lower code), two indices per byte with the first element in the high
-/// nibble. Double quantisation (`compress_statistics=True`): offset =
-/// mean(absmax), and absmax − offset quantised blockwise (block 256) to 8 bits
-/// with bitsandbytes' signed dynamic map.
+/// x·(1/absmax) mapped to one of 16 NF4 codes, two indices per byte with the
+/// first element in the high nibble. Double quantisation
+/// (`compress_statistics=True`): offset = mean(absmax), and absmax − offset
+/// quantised blockwise (block 256) to 8 bits with bitsandbytes' signed dynamic map.
+///
+/// The bytes follow bitsandbytes' CUDA kernel (csrc/kernels.cu:
+/// kQuantizeBlockwise[Small] with dQuantizeNF4, and dQuantize<0> for the 8-bit
+/// map) step by step: the kernel's fp32 thresholds, multiplication by the
+/// reciprocal, zero padding, flush-to-zero of denormals (it is built with
+/// --use_fast_math). Two things can still differ: the GPU's approximate
+/// reciprocal (we use the correctly rounded 1/absmax; ≤ 1 ulp apart) and
+/// offset = mean(), whose rounding follows torch's reduction on the device.
 
 #include <peft/core/error.h>
 #include <torch/torch.h>
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace peft {
@@ -99,23 +107,73 @@ inline const torch::Tensor& dynamic_code() {
   return table;
 }
 
-/// Index of the nearest entry of the ascending `table` for each element of
-/// `scaled` (by the midpoints; a tie, or NaN from an all-zero block, takes the lower one).
-inline torch::Tensor nearest(const torch::Tensor& scaled, const torch::Tensor& table) {
-  torch::Tensor midpoints = (table.slice(0, 0, -1) + table.slice(0, 1)) / 2;
-  torch::Tensor index = torch::bucketize(scaled, midpoints);  // count of midpoints < x
+namespace detail {
+/// fp32 denormals as zero: bitsandbytes builds its kernels with --use_fast_math,
+/// which flushes denormal operands and results to zero (ftz).
+inline torch::Tensor flush_denormals(const torch::Tensor& t) {
+  return t.masked_fill(t.abs() < std::numeric_limits<float>::min(), 0);
+}
+
+/// kQuantizeBlockwise's prologue (bitsandbytes csrc/kernels.cu) for a flat fp32
+/// tensor: {x·(1/absmax) [blocks, blocksize], absmax [blocks]}. The last block is
+/// padded with 0.0 as the kernel loads it, so a pad element scales to 0 (or to
+/// NaN = 0·inf in an all-zero block). The kernel multiplies by the reciprocal,
+/// it does not divide: x/absmax can round differently.
+inline std::pair<torch::Tensor, torch::Tensor> scale_by_absmax(const torch::Tensor& flat, int64_t blocksize) {
+  const int64_t n = flat.numel(), blocks = (n + blocksize - 1) / blocksize;
+  torch::Tensor padded =
+      torch::constant_pad_nd(flush_denormals(flat), {0, blocks * blocksize - n}, 0).view({blocks, blocksize});
+  torch::Tensor absmax = padded.abs().amax(1);
+  // Correctly rounded 1/absmax; the GPU's rcp.approx (fast math) may differ by 1 ulp.
+  torch::Tensor reciprocal = flush_denormals(absmax.reciprocal());
+  return {padded * reciprocal.unsqueeze(1), absmax};
+}
+}  // namespace detail
+
+/// The 15 decision thresholds of bitsandbytes' dQuantizeNF4 (csrc/kernels.cu),
+/// ascending, as the kernel's own fp32 literals (not derived from code(): the
+/// fp32 midpoints of the code book are not always the same floats).
+inline const torch::Tensor& nf4_thresholds() {
+  static const torch::Tensor table = torch::tensor(std::vector<float>{
+      -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
+      -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
+      0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,
+      0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f});
+  return table;
+}
+
+/// bitsandbytes' dQuantizeNF4 (csrc/kernels.cu) on every element: its comparison
+/// tree of strict `x > t` tests on ascending thresholds picks the number of
+/// thresholds that x exceeds, a value exactly on a threshold staying below it.
+/// NaN (an all-zero block: 0·inf) fails every test: index 0.
+inline torch::Tensor nf4_index(const torch::Tensor& scaled) {
+  // bucketize(right=false) counts the boundaries strictly below x.
+  torch::Tensor index = torch::bucketize(scaled, nf4_thresholds().to(scaled.device()), /*out_int32=*/true);
   return index.masked_fill_(scaled.isnan(), 0).to(torch::kUInt8);
 }
 
-/// Blockwise absmax quantisation of a flat fp32 tensor against `table`:
-/// {uint8 indices [n], fp32 absmax [ceil(n / blocksize)]}.
-inline std::pair<torch::Tensor, torch::Tensor> quantize_blockwise(const torch::Tensor& flat, const torch::Tensor& table,
-                                                                  int64_t blocksize) {
-  const int64_t n = flat.numel(), blocks = (n + blocksize - 1) / blocksize;
-  torch::Tensor padded = torch::constant_pad_nd(flat, {0, blocks * blocksize - n}, 0).view({blocks, blocksize});
-  torch::Tensor absmax = padded.abs().amax(1);
-  torch::Tensor scaled = (padded * absmax.reciprocal().unsqueeze(1)).clamp(-1, 1).flatten().slice(0, 0, n);
-  return {nearest(scaled, table.to(flat.device())), absmax};
+/// bitsandbytes' dQuantize<0> (csrc/kernels.cu) on every element of `x` at once,
+/// for the ascending 256-entry `table`: a binary search from pivot 127 in steps
+/// 64…1 (`x > table[pivot]` goes up), then the nearer of the final pivot and its
+/// neighbour by the fp32 midpoint. The final pivot is always even and a value on
+/// a midpoint keeps it, so ties go to the even index (not always the lower one).
+/// NaN goes down every step: index 0.
+inline torch::Tensor dynamic_index(const torch::Tensor& x, const torch::Tensor& table) {
+  torch::Tensor pivot = torch::full_like(x, 127, torch::kLong);
+  torch::Tensor lower_pivot = torch::zeros_like(pivot), upper_pivot = torch::full_like(pivot, 255);
+  torch::Tensor val = table.take(pivot);
+  for (int64_t step = 64; step > 0; step >>= 1) {
+    torch::Tensor up = x > val;
+    lower_pivot = torch::where(up, pivot, lower_pivot);
+    upper_pivot = torch::where(up, upper_pivot, pivot);
+    pivot = pivot + (up.to(torch::kLong) * (2 * step) - step);
+    val = table.take(pivot);
+  }
+  // The kernel's `lower`/`upper` start at -1/1 and are replaced by table[0]/table[255]
+  // when never set, so they always equal table[lower_pivot]/table[upper_pivot].
+  torch::Tensor above = torch::where(x > (table.take(upper_pivot) + val) * 0.5, upper_pivot, pivot);
+  torch::Tensor below = torch::where(x < (table.take(lower_pivot) + val) * 0.5, lower_pivot, pivot);
+  return torch::where(x > val, above, below).to(torch::kUInt8);
 }
 
 /// `values` [n] times the absmax of their block, as bitsandbytes dequantises.
@@ -185,16 +243,18 @@ inline Quantized quantize(const torch::Tensor& weight, const NF4Config& config) 
   q.shape = weight.sizes().vec();
   q.blocksize = config.blocksize();
   q.dtype = config.compute_dtype().value_or(weight.scalar_type());
-  torch::Tensor flat = weight.detach().to(torch::kFloat).flatten();
-  torch::Tensor index;
-  std::tie(index, q.absmax) = quantize_blockwise(flat, code(), q.blocksize);
-  if (index.numel() % 2) index = torch::constant_pad_nd(index, {0, 1}, 0);
-  q.packed = index.slice(0, 0, c10::nullopt, 2).bitwise_left_shift(4).bitwise_or(index.slice(0, 1, c10::nullopt, 2));
-  if (config.double_quant()) {
+  const int64_t n = weight.numel();
+  torch::Tensor scaled;
+  std::tie(scaled, q.absmax) = detail::scale_by_absmax(weight.detach().to(torch::kFloat).flatten(), q.blocksize);
+  // Pairs of indices, first in the high nibble; the pad element of an odd n is the kernel's.
+  torch::Tensor pairs = nf4_index(scaled).view({-1, 2});
+  q.packed = pairs.select(1, 0).bitwise_left_shift(4).bitwise_or(pairs.select(1, 1)).slice(0, 0, (n + 1) / 2);
+  if (config.double_quant()) {  // bitsandbytes' quantize_4bit(compress_statistics=True)
     q.nested_offset = q.absmax.mean();
-    torch::Tensor nested;
-    std::tie(nested, q.nested_absmax) = quantize_blockwise(q.absmax - q.nested_offset, dynamic_code(), kNestedBlocksize);
-    q.absmax = nested;
+    torch::Tensor nested_scaled;
+    std::tie(nested_scaled, q.nested_absmax) = detail::scale_by_absmax(q.absmax - q.nested_offset, kNestedBlocksize);
+    const int64_t blocks = q.absmax.numel();
+    q.absmax = dynamic_index(nested_scaled, dynamic_code().to(weight.device())).flatten().slice(0, 0, blocks);
   }
   return q;
 }
