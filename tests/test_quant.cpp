@@ -1,10 +1,14 @@
-// NF4 quantisation and QLoRA. References: bitsandbytes' published algorithm
-// implemented in Python (tools/golden_nf4.py -> tests/data/golden_nf4.pt,
-// bit-identical), NF4's error bound, and LoRA over the dequantised weights
+// NF4 quantisation and QLoRA. References: bitsandbytes' CUDA quantisation
+// kernel (csrc/kernels.cu) transcribed in Python (tools/golden_nf4.py ->
+// tests/data/golden_nf4.pt, bit-identical), a scalar transcription of its
+// dQuantize<0> here, NF4's error bound, and LoRA over the dequantised weights
 // (1e-5), on native modules and on the TorchScript fixtures.
 #include <gtest/gtest.h>
 #include <peft/peft.h>
 #include <torch/script.h>
+
+#include <cmath>
+#include <limits>
 
 #include "fixtures.h"
 
@@ -19,14 +23,25 @@ class NF4Golden : public ::testing::TestWithParam<std::string> {
   torch::jit::Module golden_ = torch::jit::load(std::string(PEFT_SOURCE_DIR) + "/tests/data/golden_nf4.pt");
 };
 
+/// Where two tensors of equal shape differ first (for the failure message).
+std::string first_difference(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.sizes() != b.sizes()) return "shapes differ";
+  torch::Tensor differ = a.flatten().to(torch::kDouble).ne(b.flatten().to(torch::kDouble)).nonzero();
+  if (differ.numel() == 0) return "equal";  // NaN, or dtypes differ
+  const int64_t i = differ[0].item<int64_t>();
+  return "first at " + std::to_string(i) + " of " + std::to_string(differ.numel()) + ": " +
+         std::to_string(a.flatten()[i].item<double>()) + " vs " + std::to_string(b.flatten()[i].item<double>());
+}
+
 TEST_P(NF4Golden, PackedBytesAndAbsmaxAreBitIdenticalToBitsandbytes) {
   const bool double_quant = has("nested_absmax");
   const auto q = peft::nf4::quantize(
       get("input"), peft::NF4Config().blocksize(get("blocksize").item<int64_t>()).double_quant(double_quant));
-  EXPECT_TRUE(torch::equal(q.packed, get("packed"))) << "packed bytes differ";
-  EXPECT_TRUE(torch::equal(q.absmax, get("absmax"))) << "absmax differs";
+  EXPECT_TRUE(torch::equal(q.packed, get("packed"))) << "packed bytes: " << first_difference(q.packed, get("packed"));
+  EXPECT_TRUE(torch::equal(q.absmax, get("absmax"))) << "absmax: " << first_difference(q.absmax, get("absmax"));
   if (double_quant) {
-    EXPECT_TRUE(torch::equal(q.nested_absmax, get("nested_absmax")));
+    EXPECT_TRUE(torch::equal(q.nested_absmax, get("nested_absmax")))
+        << "nested absmax: " << first_difference(q.nested_absmax, get("nested_absmax"));
     EXPECT_TRUE(torch::equal(q.nested_offset, get("nested_offset")));
   }
   // The double-quantisation code book comes from torch.linspace, as in bitsandbytes,
@@ -39,7 +54,113 @@ TEST_P(NF4Golden, PackedBytesAndAbsmaxAreBitIdenticalToBitsandbytes) {
       << "max |diff| " << (deq - get("dequantized")).abs().max().item<double>();
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, NF4Golden, ::testing::Values("w64", "odd", "many", "heavy", "big_block"));
+INSTANTIATE_TEST_SUITE_P(Cases, NF4Golden,
+                         ::testing::Values("w64", "odd", "many", "heavy", "big_block", "thresholds_unit",
+                                           "thresholds_scaled", "thresholds_small", "thresholds_b32", "odd_pad7",
+                                           "odd_zero_tail", "one_element", "zero_blocks", "all_zero", "denormal",
+                                           "dq_midpoints_neg", "dq_midpoints_pos"));
+
+TEST(NF4, ThresholdsAreTheKernelsLiteralsAndAValueOnOneStaysBelow) {
+  auto golden = torch::jit::load(std::string(PEFT_SOURCE_DIR) + "/tests/data/golden_nf4.pt");
+  const torch::Tensor t = peft::nf4::nf4_thresholds();
+  // The C++ compiler and the Python transcription (exact decimal -> fp32) read the literals alike.
+  EXPECT_TRUE(torch::equal(t, golden.attr("nf4_thresholds").toTensor()));
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const float ti = t[i].item<float>();
+    const torch::Tensor x = torch::tensor({std::nextafter(ti, -2.0f), ti, std::nextafter(ti, 2.0f)});
+    const torch::Tensor index = peft::nf4::nf4_index(x).to(torch::kLong);
+    EXPECT_EQ(index[0].item<int64_t>(), i) << ti;
+    EXPECT_EQ(index[1].item<int64_t>(), i) << ti;  // strict x > t
+    EXPECT_EQ(index[2].item<int64_t>(), i + 1) << ti;
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(peft::nf4::nf4_index(torch::tensor({nan})).item<int64_t>(), 0);
+}
+
+TEST(NF4, OddLengthPadNibbleIsTheCodeOfZero) {
+  // The kernel loads the element after an odd n as 0.0: 0·(1/absmax) = 0 -> index 7.
+  torch::manual_seed(8);
+  for (int64_t n : {1, 33, 65, 127}) {
+    torch::Tensor w = torch::randn({n}) + 3.0;  // no zero, so nothing else is index 7
+    const auto q = peft::nf4::quantize(w, peft::NF4Config().blocksize(32).double_quant(false));
+    ASSERT_EQ(q.packed.numel(), (n + 1) / 2);
+    EXPECT_EQ(q.packed[-1].item<int64_t>() & 0x0F, 7) << "n = " << n;
+    EXPECT_EQ(peft::nf4::dequantize(q).numel(), n);
+  }
+  // ... unless the last block is all zero: 0·inf = NaN -> index 0, the byte 0x00.
+  torch::Tensor w = torch::randn({65});
+  w[64] = 0.0;
+  const auto q = peft::nf4::quantize(w, peft::NF4Config().blocksize(64).double_quant(false));
+  EXPECT_EQ(q.packed[-1].item<int64_t>(), 0x00);
+  EXPECT_EQ(q.absmax[-1].item<float>(), 0.0f);
+}
+
+TEST(NF4, AllZeroBlockIsByteZeroAndDequantisesToZero) {
+  torch::Tensor w = torch::randn({4, 64});
+  w[2] = 0.0;
+  for (bool dq : {false, true}) {
+    const auto q = peft::nf4::quantize(w, peft::NF4Config().blocksize(64).double_quant(dq));
+    EXPECT_TRUE(torch::equal(q.packed.slice(0, 64, 96), torch::zeros({32}, torch::kUInt8)));
+    EXPECT_GT(q.packed.slice(0, 0, 64).to(torch::kInt).sum().item<int64_t>(), 0);
+    if (!dq) {  // (with double quantisation the absmax is a code, and the offset comes back)
+      EXPECT_EQ(q.absmax[2].item<float>(), 0.0f);
+      EXPECT_TRUE(torch::equal(peft::nf4::dequantize(q)[2].abs(), torch::zeros({64})));  // code[0]·0 = -0
+    }
+  }
+}
+
+/// bitsandbytes' dQuantize<0> (csrc/kernels.cu), one value at a time, as written there.
+int scalar_dquantize(const float* code, float x) {
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f, val = code[pivot];
+  for (int i = 64; i > 0; i >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) {
+    const float midpoint = (upper + val) * 0.5f;
+    return x > midpoint ? upper_pivot : pivot;
+  }
+  const float midpoint = (lower + val) * 0.5f;
+  return x < midpoint ? lower_pivot : pivot;
+}
+
+TEST(NF4, DynamicMapSearchFollowsTheKernelAtTies) {
+  const torch::Tensor table = peft::nf4::dynamic_code();
+  const float* code = table.data_ptr<float>();
+  std::vector<float> xs{std::numeric_limits<float>::quiet_NaN(), -2.0f, 2.0f, -0.0f};
+  for (int k = 0; k < 256; ++k) {
+    xs.insert(xs.end(), {code[k], std::nextafter(code[k], -2.0f), std::nextafter(code[k], 2.0f)});
+    if (k == 255) break;
+    const float mid = (code[k] + code[k + 1]) * 0.5f;
+    xs.insert(xs.end(), {mid, std::nextafter(mid, -2.0f), std::nextafter(mid, 2.0f)});
+  }
+  torch::manual_seed(9);
+  torch::Tensor random = torch::rand({2000}) * 2 - 1;
+  xs.insert(xs.end(), random.data_ptr<float>(), random.data_ptr<float>() + random.numel());
+  const torch::Tensor got = peft::nf4::dynamic_index(torch::tensor(xs), table).to(torch::kInt);
+  for (size_t i = 0; i < xs.size(); ++i)
+    ASSERT_EQ(got[static_cast<int64_t>(i)].item<int>(), scalar_dquantize(code, xs[i])) << "x = " << xs[i];
+  // Known ties: a value on a midpoint goes to the even index of the two (the final pivot),
+  // i.e. up between 1 and 2, down between 2 and 3; NaN goes to 0.
+  auto index_of = [&](float x) { return peft::nf4::dynamic_index(torch::tensor({x}), table).item<int>(); };
+  EXPECT_EQ(index_of((code[1] + code[2]) * 0.5f), 2);
+  EXPECT_EQ(index_of((code[2] + code[3]) * 0.5f), 2);
+  EXPECT_EQ(index_of((code[253] + code[254]) * 0.5f), 254);
+  EXPECT_EQ(index_of((code[254] + code[255]) * 0.5f), 254);
+  EXPECT_EQ(index_of((code[127] + code[128]) * 0.5f), 128);
+  EXPECT_EQ(index_of(std::numeric_limits<float>::quiet_NaN()), 0);
+}
 
 TEST(NF4, CodeBooksMatchBitsandbytes) {
   auto golden = torch::jit::load(std::string(PEFT_SOURCE_DIR) + "/tests/data/golden_nf4.pt");
