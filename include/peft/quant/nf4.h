@@ -132,7 +132,8 @@ inline std::pair<torch::Tensor, torch::Tensor> scale_by_absmax(const torch::Tens
 
 /// The 15 decision thresholds of bitsandbytes' dQuantizeNF4 (csrc/kernels.cu),
 /// ascending, as the kernel's own fp32 literals (not derived from code(): the
-/// fp32 midpoints of the code book are not always the same floats).
+/// fp32 midpoints of the code book are other floats at −0.848…, 0.1202…, 0.5016…
+/// and 0.8614…, which puts a value on such a threshold in the other code).
 inline const torch::Tensor& nf4_thresholds() {
   static const torch::Tensor table = torch::tensor(std::vector<float>{
       -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
