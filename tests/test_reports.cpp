@@ -131,7 +131,8 @@ TEST(TargetRules, LayerIndexIsTheFirstNumberAfterThePatternOrAWord) {
   EXPECT_EQ(layer_index("encoder.stages.1.layers.4.q", layers), 4);    // the pattern, not the first number
   EXPECT_EQ(layer_index("encoder.stages.1.layers.4.q", none), 1);
   EXPECT_EQ(layer_index("experts.3.w1", layers), std::nullopt);        // no pattern in the name
-  EXPECT_EQ(layer_index("layers.7", none), std::nullopt);              // the list itself, not a layer's module
+  EXPECT_EQ(layer_index("layers.7", none), 7);                         // the layer module itself
+  EXPECT_EQ(layer_index("layers", none), std::nullopt);
   EXPECT_EQ(layer_index("lm_head", none), std::nullopt);
   EXPECT_EQ(layer_index("model.mylayers.2.q", layers), std::nullopt);  // a whole component, not a suffix
   EXPECT_EQ(layer_index("model.layers.5.q", {"blocks", "layers"}), 5);
@@ -363,6 +364,82 @@ TEST(CombinedAdapters, RescalingAdaptersSharingALayerAreRefused) {
                                                   peft::IA3Config().target_modules({"k_proj"}));
   ia3_lora.add_adapter("b", peft::LoraConfig().r(2).target_modules({"k_proj"}));
   expect_error<peft::OptionError>([&] { ia3_lora.set_adapter({"default", "b"}); }, {"'model.layers.0.self_attn.k_proj'"});
+}
+
+// ------------------------------------------- more of the same kinds (a reviewer's probes)
+TEST(CombinedAdapters, AnInactiveAdaptersTrainedCopiesLeaveTheModel) {
+  const auto inputs = case_inputs("mlp");
+  torch::jit::Module plain = load_case("mlp");
+  const torch::Tensor base_out = run(plain, inputs);
+  peft::PeftModel model = peft::get_peft_model(load_case("mlp"), peft::LoraConfig().r(2).target_modules({"fc1"}).modules_to_save({"head"}));
+  randomise(model);
+  model.add_adapter("b", peft::LoraConfig().r(2).target_modules({"fc2"}));  // B = 0: changes nothing
+  model.set_adapter("b");
+  model.eval();
+  torch::NoGradGuard no_grad;
+  EXPECT_LT(max_diff(run(model, inputs), base_out), 1e-6) << "adapter default's head copy still in use";
+  torch::jit::Module merged = model.merge_and_unload();
+  EXPECT_LT(max_diff(run(merged, inputs), base_out), 1e-6);
+  // The same on a tied model: with the copy gone, LoRA on lm_head meets the tie and is refused.
+  peft::PeftModel tied = peft::get_peft_model(load_case("tied_lm"), peft::LoraConfig().r(2).target_modules({"fc"}).modules_to_save({"wte"}));
+  tied.add_adapter("b", peft::LoraConfig().r(2).target_modules({"lm_head"}));
+  tied.set_adapter("b");
+  expect_error<peft::ModelError>([&] { tied.merge_and_unload(); }, {"'lm_head.weight' would also change wte.weight"});
+  tied.set_adapter({"default", "b"});  // the base's lm_head and wte still share storage: refused as well
+  expect_error<peft::ModelError>([&] { tied.merge_adapter(); }, {"'lm_head.weight' would also change wte.weight"});
+  const auto mixed = [&] { model.unmerge_adapter(); model.forward(inputs, {"default"}); };
+  expect_error<peft::OptionError>(mixed, {"adapter 'default' trains whole tensors (head.weight"});
+}
+
+TEST(CombinedAdapters, AnAdapterThatFailsToAddLeavesTheOthersAsTheyWere) {
+  const auto inputs = case_inputs("mlp");
+  peft::PeftModel model = peft::get_peft_model(load_case("mlp"), peft::LoraConfig().r(2).target_modules({"fc1"}));
+  randomise(model);
+  model.eval();
+  torch::NoGradGuard no_grad;
+  const torch::Tensor before = run(model, inputs);
+  expect_error<peft::TargetError>(  // a bottleneck adapter rebuilds the adapted model first
+      [&] { model.add_adapter("b", peft::AdapterConfig().bottleneck_size(2).target_modules({"fc9"})); }, {"'fc9'"});
+  expect_error<peft::TargetError>([&] { model.add_adapter("c", peft::LoraConfig().target_modules({"fc9"})); }, {"'fc9'"});
+  EXPECT_EQ(model.adapter_names(), std::vector<std::string>{"default"});
+  EXPECT_LT(max_diff(run(model, inputs), before), 1e-7);
+  model.add_adapter("c", peft::LoraConfig().r(2).target_modules({"fc2"}));  // the name is free again
+  EXPECT_EQ(model.adapter_names(), (std::vector<std::string>{"default", "c"}));
+  EXPECT_LT(max_diff(run(model, inputs), before), 1e-7);
+}
+
+TEST(TargetRules, BadRegexesAreTypedErrorsNamingTheField) {
+  EXPECT_EQ(peft::layer_index("model.layers.3.q", {"(layers)"}), 3);  // a pattern's own group is not the index
+  EXPECT_EQ(peft::layer_index("model.layers.3", {"layers"}), 3);       // the layer module itself
+  expect_error<peft::OptionError>([] { peft::layer_index("layers.1.q", {"layers("}); }, {"layers_pattern", "'layers('"});
+  expect_error<peft::OptionError>(
+      [] { peft::get_peft_model(load_case("mlp"), peft::LoraConfig().target_modules({"fc1"}).rank_pattern({{"fc[", 4}})); },
+      {"rank_pattern / alpha_pattern key 'fc['"});
+  peft::PeftModel model = peft::get_peft_model(load_case("mlp"), peft::LoraConfig().r(2).target_modules({"fc1"}));
+  const fs::path dir = peft_test::fresh_dir("bad_regex_file");
+  model.save_pretrained(dir);
+  auto config = nlohmann::json::parse(peft::io::read_file(dir / "adapter_config.json"));
+  for (const char* field : {"target_modules", "exclude_modules"}) {
+    auto bad = config;
+    bad[field] = "fc[";
+    peft::io::write_file_atomic(dir / "adapter_config.json", bad.dump());
+    expect_error<peft::FileError>([&] { peft::PeftModel::from_pretrained(load_case("mlp"), dir); },
+                                  {"adapter_config.json", "'fc[' is not a valid regex"});
+  }
+}
+
+TEST(TargetRules, QLoRAKeepsModulesToSaveDenseAndRefusesCopiesOfNF4Weights) {
+  peft::PeftModel model = peft::get_peft_model(
+      load_case("mlp"), peft::LoraConfig().r(2).target_modules({"fc1", "fc2"}).modules_to_save({"fc2"}).quantize_base(peft::NF4Config()));
+  for (const auto& [name, t] : model.named_trainable_parameters()) {
+    if (name == "fc2.weight") EXPECT_EQ(t.numel(), 36 * 7) << "fc2 was quantised and its copy is empty";
+  }
+  expect_error<peft::ModelError>(
+      [&] { model.add_adapter("b", peft::LoraConfig().r(2).target_modules({"fc2"}).modules_to_save({"fc1"})); },
+      {"'fc1.weight' is NF4-quantised (QLoRA)"});
+  expect_error<peft::ModelError>([&] { model.add_adapter("c", peft::AdapterConfig().bottleneck_size(2).target_modules({"fc2"})); },
+                                 {"forward calls no submodules (QLoRA's quantize_base inlines it)"});
+  EXPECT_EQ(model.adapter_names(), std::vector<std::string>{"default"});
 }
 
 // ------------------------------------------------------- the real HF peft (PyPI)

@@ -116,7 +116,12 @@ class PeftModel {
       // methods inlines away: rebuild with the bottleneck adapters first.
       rebuild({}, name, config, from_file);
     } else {
-      adapters_.push_back(inject(name, config, from_file));
+      try {
+        adapters_.push_back(inject(name, config, from_file));
+      } catch (...) {  // the failed injection may have left layers in the adapted model
+        rebuild({}, {}, {});
+        throw;
+      }
     }
     if (adapters_.size() == 1) active_ = {name};
     apply_active_flags();
@@ -192,8 +197,13 @@ class PeftModel {
     check<OptionError>(!merged_ && !disabled_, "mixed-adapter batches need unmerged, enabled adapters");
     for (const auto& n : adapter_names)
       if (n != kBaseAdapter) require(n);
-    for (const auto& a : adapters_)
+    for (const auto& a : adapters_) {
       check<OptionError>(!is_prompt_learning(a.config), "mixed-adapter batches support LoRA, IA3 and bottleneck adapters");
+      check<OptionError>(a.copies.empty(),
+                         "mixed-adapter batches: adapter '{}' trains whole tensors ({}.{}, ...: modules_to_save, BitFit or "
+                         "biases), which one batch cannot vary per sample",
+                         a.name, a.copies.front().module, a.copies.front().attribute);
+    }
     const torch::Tensor like = (*adapted_.parameters().begin());
     for (const auto& a : adapters_) {
       std::vector<float> mask;
@@ -291,6 +301,9 @@ class PeftModel {
       const Adapter& a = *require(name);
       check<ModelError>(a.tuner->mergeable(), "adapter '{}': {} cannot be merged into the base weights", a.name,
                         a.tuner->method());
+      for (const auto& l : a.layers)  // the adapted model may hold another adapter's copy there: ask the base
+        if (!nf4::weight_module(base_, l.target) && jit::submodule(base_, l.target).hasattr("weight"))
+          jit::writable_base_tensor(base_, l.target, "weight", a.tuner->method());
       if (safe_merge) find(name)->tuner->check_merge_is_finite();
     }
     for (const auto& name : active_) find(name)->tuner->merge();
@@ -357,17 +370,18 @@ class PeftModel {
     const auto* lora = std::get_if<LoraConfig>(&config);
     if (!lora || !lora->quantize_base()) return base;
     const NF4Config& nf4 = *lora->quantize_base();
-    std::vector<std::string> layers;
+    std::vector<std::string> candidates, layers;
     if (nf4.quantize_all_linear()) {
-      for (const auto& name : nf4::linear_layers(base))
-        if (std::none_of(lora->modules_to_save().begin(), lora->modules_to_save().end(),
-                         [&](const std::string& key) { return TargetModules::matches_key(name, key); }))
-          layers.push_back(name);
+      candidates = nf4::linear_layers(base);
     } else {
       auto graph = jit::inlined_copy(*jit::method_graph(base, "forward"), nullptr, jit::Injection::is_peft_call);
       for (const auto& entry : jit::select_linear_targets(*graph, base, lora->rule(), "LoraConfig"))
-        layers.push_back(entry.first);
+        candidates.push_back(entry.first);
     }
+    for (const auto& name : candidates)  // modules_to_save train dense copies: never quantised
+      if (std::none_of(lora->modules_to_save().begin(), lora->modules_to_save().end(),
+                       [&](const std::string& key) { return TargetModules::matches_key(name, key); }))
+        layers.push_back(name);
     nf4::quantize_linear_layers(base, layers, nf4);
     return base;
   }
@@ -399,11 +413,7 @@ class PeftModel {
   }
 
   /// Puts a snapshot of the trained copy `c` into the base model, in its slot and its tied slots.
-  void write_back(const jit::TrainableCopy& c) {
-    const torch::Tensor trained = c.copy.detach().clone();
-    jit::submodule(base_, c.module).setattr(c.attribute, trained);
-    for (const auto& [module, attribute] : c.tied) jit::submodule(base_, module).setattr(attribute, trained);
-  }
+  void write_back(const jit::TrainableCopy& c) { put(base_, c, c.copy.detach().clone()); }
 
   Adapter* find(const std::string& name) {
     for (auto& a : adapters_)
@@ -432,10 +442,24 @@ class PeftModel {
 
   /// Re-creates the adapted model from the base: bottleneck adapters first,
   /// without `skip`, plus a new adapter `added` (if named). Existing adapters keep
-  /// their tensors, so optimizers holding them stay valid.
+  /// their tensors, so optimizers holding them stay valid. On an error, the
+  /// adapters and the adapted model are left as they were.
   void rebuild(const std::string& skip, const std::string& added, const PeftConfig& added_config,
                bool added_from_file = false) {
     std::vector<Adapter> old = std::move(adapters_);
+    const torch::jit::Module old_model = adapted_;
+    try {
+      rebuild_from(old, skip, added, added_config, added_from_file);
+    } catch (...) {
+      adapters_ = std::move(old);
+      adapted_ = old_model;
+      apply_active_flags();
+      throw;
+    }
+  }
+
+  void rebuild_from(std::vector<Adapter>& old, const std::string& skip, const std::string& added,
+                    const PeftConfig& added_config, bool added_from_file) {
     adapters_.clear();
     adapted_ = jit::Injection::adapted_clone(base_);
     for (bool bottleneck : {true, false}) {
@@ -465,18 +489,25 @@ class PeftModel {
         if (p.value.isTensor() || p.value.isBool()) module.setattr(p.name, p.value);
     }
     for (size_t i = 0; i < to.copies.size(); ++i) {
-      jit::TrainableCopy& c = to.copies[i];
-      c.copy = from.copies.at(i).copy;
-      jit::submodule(adapted_, c.module).setattr(c.attribute, c.copy);
-      for (const auto& [module, attribute] : c.tied) jit::submodule(adapted_, module).setattr(attribute, c.copy);
+      to.copies[i].copy = from.copies.at(i).copy;
+      put(adapted_, to.copies[i], to.copies[i].copy);
     }
   }
 
+  /// Switches each adapter's layers on or off, and puts its trained copies (or,
+  /// while it is inactive, the base's own tensors) into the adapted model's slots.
   void apply_active_flags() {
     for (const auto& a : adapters_) {
       const bool on = std::find(active_.begin(), active_.end(), a.name) != active_.end();
       for (const auto& l : a.layers) jit::set_flag(l, "active", on);
+      for (const auto& c : a.copies) put(adapted_, c, on ? c.copy : c.original);
     }
+  }
+
+  /// Puts `t` into the slot of copy `c` in `model`, and into its tied slots.
+  static void put(const torch::jit::Module& model, const jit::TrainableCopy& c, const torch::Tensor& t) {
+    jit::submodule(model, c.module).setattr(c.attribute, t);
+    for (const auto& [module, attribute] : c.tied) jit::submodule(model, module).setattr(attribute, t);
   }
 
   static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const LoraConfig& c) {

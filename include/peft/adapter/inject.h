@@ -98,6 +98,10 @@ class Tuner : public jit::Tuner {
     // Submodules an earlier bottleneck adapter follows: their boundary is that adapter's call.
     std::map<std::string, jit::Node*> earlier = earlier_adapter_calls(injection);
     for (const auto& entry : earlier) called.push_back(entry.first);
+    check<ModelError>(!called.empty(),
+                      "AdapterConfig: the model's forward calls no submodules (QLoRA's quantize_base inlines it), and "
+                      "a bottleneck adapter goes after a submodule call; add bottleneck adapters to a model without "
+                      "quantize_base");
     auto targets = select_targets(names, called, injection.rule(config.rule()), "AdapterConfig", "submodule called in forward");
     std::set<std::string> wanted(targets.begin(), targets.end());
     for (const auto& [path, call] : earlier)

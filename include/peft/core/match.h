@@ -96,6 +96,16 @@ class TargetModules {
   bool all_linear_ = false;
 };
 
+/// `regex` compiled; OptionError saying that `what` (the user's field and
+/// pattern that `regex` is built from) is not a valid regex.
+inline std::regex checked_regex(const std::string& regex, const std::string& what) {
+  try {
+    return std::regex(regex);
+  } catch (const std::regex_error& e) {
+    throw OptionError(fmt::format("{} is not a valid regex: {}", what, e.what()));
+  }
+}
+
 /// The layer index in a module name, for layers_to_transform: the number right
 /// after the first component matching one of `layers_pattern` (regexes) and a dot,
 /// or, with no pattern, the first numeric component that follows a word; empty when
@@ -105,15 +115,18 @@ class TargetModules {
 inline std::optional<int64_t> layer_index(const std::string& module_name, const std::vector<std::string>& layers_pattern) {
   // `(?:|.*?\.)` tries the empty prefix first, then ever longer ones: the first place wins.
   const std::string prefix = R"(^(?:|.*?\.))";
-  std::vector<std::string> components;
-  if (layers_pattern.empty()) components.push_back(R"([^.]*[^.0-9][^.]*)");
-  for (const auto& pattern : layers_pattern) components.push_back("(?:" + pattern + ")");
+  std::vector<std::pair<std::string, std::string>> components;  // (regex, what the user wrote)
+  if (layers_pattern.empty()) components.emplace_back(R"([^.]*[^.0-9][^.]*)", "");
+  for (const auto& pattern : layers_pattern) components.emplace_back("(?:" + pattern + ")", pattern);
   std::optional<std::pair<size_t, int64_t>> first;  // (position, index) of the earliest match
-  for (const auto& component : components) {
+  for (const auto& [component, written] : components) {
     std::smatch m;
-    if (std::regex_search(module_name, m, std::regex(prefix + component + R"(\.(\d+)\.)")) &&
-        (!first || static_cast<size_t>(m.position(1)) < first->first))
-      first = std::make_pair(static_cast<size_t>(m.position(1)), std::stoll(m[1].str()));
+    // The index ends the name (the layer itself) or is followed by a dot; it is the
+    // last group, whatever groups a pattern brings.
+    if (std::regex_search(module_name, m, checked_regex(prefix + component + R"(\.(\d+)(?:\.|$))",
+                                                        "layers_pattern '" + written + "'")) &&
+        (!first || static_cast<size_t>(m.position(m.size() - 1)) < first->first))
+      first = std::make_pair(static_cast<size_t>(m.position(m.size() - 1)), std::stoll(m[m.size() - 1].str()));
   }
   return first ? std::optional<int64_t>(first->second) : std::nullopt;
 }
@@ -121,7 +134,8 @@ inline std::optional<int64_t> layer_index(const std::string& module_name, const 
 /// Whether a rank_pattern / alpha_pattern key selects `module_name`: as a regex, it
 /// fully matches the name or the part after some dot.
 inline bool pattern_key_matches(const std::string& key, const std::string& module_name) {
-  return std::regex_match(module_name, std::regex("(.*\\.)?(" + key + ")"));
+  return std::regex_match(module_name,
+                          checked_regex("(.*\\.)?(" + key + ")", "rank_pattern / alpha_pattern key '" + key + "'"));
 }
 
 /// The rank_pattern / alpha_pattern lookup of HF peft.

@@ -192,7 +192,7 @@ class ConfigReader {
     for (const auto& [key, value] : j_.items()) {
       if (used_.count(key) || quiet.count(key)) continue;
       if (auto it = off.find(key); it != off.end()) {
-        check<FileError>(value.is_null() || value == it->second,
+        check<FileError>(value.is_null() || value == it->second || (value.is_array() && value.empty()),
                          "'{}': field '{}' = {} changes the computation, which peft-cpp does not implement (it "
                          "loads only files with '{}' = {})",
                          source_, key, value.dump(), key, it->second.dump());
@@ -379,7 +379,14 @@ inline void PeftModel::load_adapter(const std::filesystem::path& dir, const std:
   } catch (const nlohmann::json::exception& e) {
     throw FileError("'" + config_path.string() + "' is not valid JSON: " + e.what());
   }
-  const PeftConfig config = io::config_from_json(j, config_path.string());
+  PeftConfig config;
+  try {
+    config = io::config_from_json(j, config_path.string());
+  } catch (const FileError&) {
+    throw;
+  } catch (const std::exception& e) {  // an option rule (a bad regex, ...) broken by the file
+    throw FileError(fmt::format("'{}': {}", config_path.string(), e.what()));
+  }
   io::TensorFile file = io::load_safetensors(weights_path);
   try {
     add_adapter(name, config, /*from_file=*/true);

@@ -84,6 +84,11 @@ class Injection {
     warn_about_baked_devices();
   }
 
+  /// Whether the linear layer at `module` holds its weight in NF4 (QLoRA, quant/inject.h).
+  bool is_quantized(const std::string& module) const {
+    return model_.hasattr(kQuantContainer) && model_.attr(kQuantContainer).toModule().hasattr(layer_key(module));
+  }
+
   /// Whether the dotted module `name` belongs to the library (an adapter or NF4
   /// container on the root) rather than to the base model.
   static bool is_library_module(const std::string& name) {
@@ -174,6 +179,10 @@ class Injection {
         return;
     torch::jit::Module owner = submodule(model_, module);
     torch::Tensor original = owner.attr(attribute).toTensor();
+    check<ModelError>(!is_quantized(module) || attribute != "weight",
+                      "'{}.weight' is NF4-quantised (QLoRA), so it cannot train as a copy (modules_to_save); keep "
+                      "'{}' out of the quantised layers",
+                      module, module);
     torch::Tensor copy = original.detach().clone().requires_grad_(true);
     owner.setattr(attribute, copy);
     TrainableCopy trained{module, attribute, original, copy};
