@@ -102,7 +102,7 @@ inline std::shared_ptr<Graph> inlined_copy(Graph& graph, const CallHook& on_call
 }
 
 /// Inserts `self.<path...>` GetAttr reads before `anchor` and a call of method
-/// `method` on that module with `args`, returning the call node (output Tensor).
+/// `method` on that module with `args`, returning the call node (output typed as the method returns).
 inline Node* insert_method_call(Node* anchor, const std::vector<std::string>& path, const torch::jit::Module& callee,
                                 const std::string& method, const std::vector<Value*>& args, bool insert_after) {
   Graph& graph = *anchor->owningGraph();
@@ -114,7 +114,9 @@ inline Node* insert_method_call(Node* anchor, const std::vector<std::string>& pa
   inputs.insert(inputs.end(), args.begin(), args.end());
   Node* call = graph.insertNode(graph.create(c10::prim::CallMethod, inputs));
   call->s_(c10::attr::name, method);
-  call->output()->setType(c10::TensorType::get());
+  auto callee_method = callee.find_method(method);  // methods returning Optional[Tensor] or bool exist too
+  call->output()->setType(callee_method ? callee_method->function().getSchema().returns().at(0).type()
+                                        : c10::TensorType::get());
   return call;
 }
 
