@@ -63,7 +63,19 @@ inline std::string layer_source() {
          "        return m\n"
          "    sizes = m.size()\n"
          "    sizes[-1] = self.num_virtual_tokens\n"
-         "    return torch.cat([torch.full(sizes, attend, dtype=m.dtype, device=m.device), m], -1)\n";
+         "    return torch.cat([torch.full(sizes, attend, dtype=m.dtype, device=m.device), m], -1)\n"
+         // scaled_dot_product_attention: a bool mask keeps where true, a float one adds;
+         // is_causal is the top-left lower triangle over q.size(-2) x k.size(-2).
+         "def sdpa_mask(self, m: Optional[Tensor], causal: bool, q: Tensor, k: Tensor) -> Optional[Tensor]:\n"
+         "    if not self.active:\n"
+         "        return m\n"
+         "    if causal:\n"
+         "        m = torch.ones([q.size(-2), k.size(-2)], device=q.device).tril() > 0\n"
+         "    if m is None:\n"
+         "        return m\n"
+         "    return self.mask(m, 0.0 if m.is_floating_point() else 1.0)\n"
+         "def sdpa_causal(self, causal: bool) -> bool:\n"
+         "    return causal and not self.active\n";
 }
 
 /// Prefix tuning on every attention of an Injection.
@@ -73,10 +85,7 @@ class Tuner : public jit::Tuner {
     const int64_t P = config.num_virtual_tokens();
     check<OptionError>(P >= 1, "PrefixTuningConfig.num_virtual_tokens must be >= 1, got {}", P);
     injection.inline_all();
-    auto sites = jit::find_attention_sites(injection.graph(), injection.model());
-    check<ModelError>(!sites.empty(),
-                      "PrefixTuningConfig: no attention found (softmax(q·kᵀ ...)·v with the head split visible); see "
-                      "docs/export-conventions.md");
+    auto sites = find_sites(injection);
     std::vector<int64_t> heads, dims, offsets;
     int64_t total = 0;  // Σ 2·kv_heads·head_dim
     for (const auto& site : sites) {
@@ -130,6 +139,27 @@ class Tuner : public jit::Tuner {
   }
 
  private:
+  /// The attentions to prefix; an error naming where the search stopped when
+  /// there is none, or when one that is clearly an attention was not understood
+  /// (prefixing only the others would train a different model than asked).
+  static std::vector<jit::AttentionSite> find_sites(jit::Injection& injection) {
+    auto found = jit::find_attention(injection.graph(), injection.model());
+    for (const auto& miss : found.misses)
+      check<ModelError>(!miss.certain, "PrefixTuningConfig: an attention was not understood: {}; see {}",
+                        jit::describe(miss), kDocs);
+    if (found.sites.empty()) {
+      std::string why = "the forward graph has no softmax and no scaled_dot_product_attention";
+      if (!found.misses.empty()) why = jit::describe(found.misses.front());
+      if (found.misses.size() > 1) why += fmt::format(" (and {} more softmax)", found.misses.size() - 1);
+      throw ModelError(fmt::format(
+          "PrefixTuningConfig: no attention found (softmax(q·kᵀ ...)·v with the head split visible): {}; see {}", why,
+          kDocs));
+    }
+    return found.sites;
+  }
+
+  static constexpr const char* kDocs = "docs/export-conventions.md";
+
   /// {kv_heads, head_dim} of one attention: from the config if set, else the graph.
   static std::pair<int64_t, int64_t> head_layout(const jit::AttentionSite& site, const PrefixTuningConfig& config) {
     const int64_t heads = config.num_key_value_heads() ? config.num_key_value_heads() : site.kv_heads;
@@ -148,15 +178,36 @@ class Tuner : public jit::Tuner {
       return graph.insertConstant(v);
     };
     jit::Value* i = constant(index);
-    jit::Value* keys = injection.call(layer_, site.key_user, {i, site.key}, /*after=*/false, "keys");
-    site.key_user->replaceInputWith(site.key, keys);
-    jit::Value* values = injection.call(layer_, site.value_user, {i, site.value}, /*after=*/false, "values");
-    site.value_user->replaceInputWith(site.value, values);
+    if (site.sdpa) attach_sdpa_mask(injection, site);
+    join(injection, site.key_users, {i, site.key}, "keys");
+    join(injection, site.value_users, {i, site.value}, "values");
     for (const auto& [node, input, attend] : site.masks) {
       jit::Value* mask = node->input(input);
       jit::Value* extended = injection.call(layer_, node, {mask, constant(attend)}, /*after=*/false, "mask");
       node->replaceInput(input, extended);
     }
+  }
+
+  /// Calls `method(args)` before the first of `users` and makes them read its
+  /// result instead of args.back().
+  void join(jit::Injection& injection, const std::vector<jit::Node*>& users, const std::vector<jit::Value*>& args,
+            const char* method) {
+    jit::Node* first = users.front();
+    for (jit::Node* u : users)
+      if (u->isBefore(first)) first = u;
+    jit::Value* joined = injection.call(layer_, first, args, /*after=*/false, method);
+    for (jit::Node* u : users) u->replaceInputWith(args.back(), joined);
+  }
+
+  /// scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ..):
+  /// its mask gains prefix columns, and is_causal becomes an explicit mask
+  /// because every query sees the whole prefix.
+  void attach_sdpa_mask(jit::Injection& injection, const jit::AttentionSite& site) {
+    jit::Node* n = site.softmax;
+    jit::Value* causal = n->input(5);
+    jit::Value* mask = injection.call(layer_, n, {n->input(3), causal, n->input(0), site.key}, false, "sdpa_mask");
+    n->replaceInput(3, mask);
+    n->replaceInput(5, injection.call(layer_, n, {causal}, false, "sdpa_causal"));
   }
 
   jit::AdapterLayer layer_;
