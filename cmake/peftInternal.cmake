@@ -69,6 +69,17 @@ add_custom_command(OUTPUT ${_fixtures}
   COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/export_fixtures.py --out ${PEFT_FIXTURE_DIR}
   DEPENDS ${PROJECT_SOURCE_DIR}/tools/export_fixtures.py
   COMMENT "Exporting TorchScript fixtures with ${PEFT_PYTHON}")
+# Attention written as real models write it (T5, HF Llama eager, timm), for prefix tuning.
+set(_attention_fixtures)
+foreach(style t5 llama_eager vit)
+  foreach(kind scripted traced ref)
+    list(APPEND _attention_fixtures ${PEFT_FIXTURE_DIR}/attn_${style}_${kind}.pt)
+  endforeach()
+endforeach()
+add_custom_command(OUTPUT ${_attention_fixtures}
+  COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/export_attention_fixtures.py --out ${PEFT_FIXTURE_DIR}
+  DEPENDS ${PROJECT_SOURCE_DIR}/tools/export_attention_fixtures.py
+  COMMENT "Exporting the attention-style fixtures with ${PEFT_PYTHON}")
 # A small causal LM with the KV-cache convention, for the generation tests.
 set(PEFT_LM_FIXTURE ${PEFT_FIXTURE_DIR}/lm_tiny.pt)
 add_custom_command(OUTPUT ${PEFT_LM_FIXTURE}
@@ -85,4 +96,4 @@ add_custom_command(OUTPUT ${_case_fixtures}
   COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/export_cases.py --out ${PEFT_FIXTURE_DIR}
   DEPENDS ${PROJECT_SOURCE_DIR}/tools/export_cases.py ${PROJECT_SOURCE_DIR}/tools/export_fixtures.py
   COMMENT "Exporting the real-world case fixtures")
-add_custom_target(peft_fixtures ALL DEPENDS ${_fixtures} ${PEFT_LM_FIXTURE} ${_case_fixtures})
+add_custom_target(peft_fixtures ALL DEPENDS ${_fixtures} ${_attention_fixtures} ${PEFT_LM_FIXTURE} ${_case_fixtures})
