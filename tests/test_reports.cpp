@@ -432,7 +432,9 @@ TEST(TargetRules, QLoRAKeepsModulesToSaveDenseAndRefusesCopiesOfNF4Weights) {
   peft::PeftModel model = peft::get_peft_model(
       load_case("mlp"), peft::LoraConfig().r(2).target_modules({"fc1", "fc2"}).modules_to_save({"fc2"}).quantize_base(peft::NF4Config()));
   for (const auto& [name, t] : model.named_trainable_parameters()) {
-    if (name == "fc2.weight") EXPECT_EQ(t.numel(), 36 * 7) << "fc2 was quantised and its copy is empty";
+    if (name == "fc2.weight") {
+      EXPECT_EQ(t.numel(), 36 * 7) << "fc2 was quantised and its copy is empty";
+    }
   }
   expect_error<peft::ModelError>(
       [&] { model.add_adapter("b", peft::LoraConfig().r(2).target_modules({"fc2"}).modules_to_save({"fc1"})); },
@@ -492,6 +494,22 @@ TEST_F(RealHfPeft, SequenceClassificationFileNamingClassifierAndScoreLoads) {
 TEST_F(RealHfPeft, RankAboveMinInOutOnARouterLoads) { expect_same_as_hf("router_r4", "moe"); }
 
 TEST_F(RealHfPeft, TiedModulesToSaveAndMergeLikeHf) { expect_same_as_hf("tied_wte", "tied_lm"); }
+
+TEST_F(RealHfPeft, TwoHfDoraAdaptersReproduceHfAloneAndAreRefusedTogether) {
+  const auto io = read_io(*dir_ / "two_dora");
+  const std::vector<torch::jit::IValue> inputs{io.at("input_0")};
+  peft::PeftModel model = peft::PeftModel::from_pretrained(peft_test::load_fixture("llama", "scripted"), *dir_ / "two_dora");
+  model.load_adapter(*dir_ / "two_dora" / "b", "b");
+  model.eval();
+  torch::NoGradGuard no_grad;
+  for (const std::string name : {"default", "b"}) {
+    model.set_adapter(name);
+    EXPECT_LT(max_diff(run(model, inputs), io.at("expected_" + name)), 1e-5) << name;
+  }
+  // The report: both active gave an order-dependent result, merged != unmerged.
+  expect_error<peft::OptionError>([&] { model.set_adapter({"default", "b"}); },
+                                  {"adapters default, b all adapt 'model.layers.0.self_attn.q_proj'", "DoRA / IA3"});
+}
 
 TEST_F(RealHfPeft, LayersToTransformSelectsWhatHfSelects) {
   const auto hf = nlohmann::json::parse(peft::io::read_file(*dir_ / "layer_index" / "targets.json"));

@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import export_cases as cases  # noqa: E402
 
 
-def randomise(model, scale=0.2):
+def randomise(model, scale=0.2, seed=3):
     """Non-trivial adapter values, as training would leave them."""
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -55,6 +55,30 @@ def seq_cls(base, config):
     return peft.PeftModelForSequenceClassification(base, config)
 
 
+def two_dora(out):
+    """Two DoRA adapters on the same layers of the LLaMA fixture (the issue's report),
+    with HF's output of each alone: C++ must reproduce each and refuse both at once."""
+    base = cases.fx.ARCHS["llama"]().eval()
+    base.load_state_dict(torch.jit.load(os.path.join(os.environ["PEFT_FIXTURE_DIR"], "llama_scripted.pt")).state_dict())
+    config = peft.LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(base, config)
+    model.add_adapter("b", config)
+    inputs = [cases.fx.reference_inputs("llama")["input_ids"]]
+    tensors = {"input_0": inputs[0]}
+    for seed, name in enumerate(["default", "b"]):
+        model.set_adapter(name)
+        randomise(model, seed=seed + 7)
+    model.eval()
+    for name in ["default", "b"]:
+        model.set_adapter(name)
+        with torch.no_grad():
+            tensors[f"expected_{name}"] = model.base_model.model(*inputs).contiguous()
+    folder = os.path.join(out, "two_dora")
+    model.save_pretrained(folder)
+    save_file(tensors, os.path.join(folder, "io.safetensors"))
+    print(f"wrote {folder}: adapters default and b")
+
+
 def targets(out):
     """The modules HF peft adapts for layers_to_transform on MoE names."""
     result = {}
@@ -80,6 +104,7 @@ def main():
     write_case(out, "router_r4", "moe", lora(r=4, lora_alpha=8, target_modules=["gate", "w1"]))
     write_case(out, "tied_wte", "tied_lm", lora(r=2, target_modules=["fc"], modules_to_save=["wte"]))
     targets(out)
+    two_dora(out)
 
 
 if __name__ == "__main__":
