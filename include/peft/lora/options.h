@@ -32,7 +32,7 @@ struct LoraOptions {
   /// Options with rank `r` (>= 1).
   /* implicit */ LoraOptions(int64_t r) : r_(r) {}
 
-  /// Rank of the update: 1 ≤ r ≤ min(in, out).
+  /// Rank of the update, >= 1; above min(in, out) it is allowed as in HF peft (warned; not with PiSSA).
   TORCH_ARG(int64_t, r);
   /// Scaling numerator; HF's `lora_alpha`.
   TORCH_ARG(double, alpha) = 8.0;
