@@ -199,10 +199,10 @@ class PeftModel {
       if (n != kBaseAdapter) require(n);
     for (const auto& a : adapters_) {
       check<OptionError>(!is_prompt_learning(a.config), "mixed-adapter batches support LoRA, IA3 and bottleneck adapters");
-      check<OptionError>(a.copies.empty(),
-                         "mixed-adapter batches: adapter '{}' trains whole tensors ({}.{}, ...: modules_to_save, BitFit or "
-                         "biases), which one batch cannot vary per sample",
-                         a.name, a.copies.front().module, a.copies.front().attribute);
+      if (!a.copies.empty())  // (not check<>: its arguments are evaluated even when it passes)
+        throw OptionError(fmt::format("mixed-adapter batches: adapter '{}' trains whole tensors ({}.{}, ...: "
+                                      "modules_to_save, BitFit or biases), which one batch cannot vary per sample",
+                                      a.name, a.copies.front().module, a.copies.front().attribute));
     }
     const torch::Tensor like = (*adapted_.parameters().begin());
     for (const auto& a : adapters_) {
