@@ -285,7 +285,7 @@ TEST(TiedWeights, MergeAndUnloadEqualsTheAdaptedModelForEveryTiedCombination) {
     torch::jit::Module base = load_case("gpt2_tied");
     const torch::Tensor wte = base.attr("transformer").toModule().attr("wte").toModule().attr("weight").toTensor();
     const torch::Tensor before = wte.clone();
-    peft::PeftModel model = peft::get_peft_model(base, peft::LoraConfig().r(2).target_modules({"c_attn"})
+    peft::PeftModel model = peft::get_peft_model(base, peft::LoraConfig().r(2).target_modules({"c_attn"}).fan_in_fan_out(true)
                                                             .modules_to_save(c.modules_to_save).ensure_weight_tying(c.keep_tied));
     // One trained tensor however the tie is named; the tied slot follows it only with ensure_weight_tying.
     EXPECT_EQ(model.adapter("default").copies.size(), c.keep_tied ? 1u : c.modules_to_save.size()) << name;
@@ -294,14 +294,16 @@ TEST(TiedWeights, MergeAndUnloadEqualsTheAdaptedModelForEveryTiedCombination) {
     model.eval();
     torch::NoGradGuard no_grad;
     const torch::Tensor adapted = run(model, inputs);
+    // 1e-5 relative to the logits' scale (~12): fp32 rounding of the merged sums, not the reported 5.9.
+    const double tolerance = 1e-5 * std::max(1.0, adapted.abs().max().item<double>());
     const fs::path dir = peft_test::fresh_dir("tied");
     model.save_pretrained(dir);
     torch::jit::Module merged = model.merge_and_unload();
-    EXPECT_LT(max_diff(run(merged, inputs), adapted), 1e-5) << name;
+    EXPECT_LT(max_diff(run(merged, inputs), adapted), tolerance) << name;
     EXPECT_TRUE(torch::equal(wte, before)) << name << ": the trained copy was written through the tied storage";
     peft::PeftModel loaded = peft::PeftModel::from_pretrained(load_case("gpt2_tied"), dir);
     loaded.eval();
-    EXPECT_LT(max_diff(run(loaded, inputs), adapted), 1e-5) << name;
+    EXPECT_LT(max_diff(run(loaded, inputs), adapted), tolerance) << name;
   }
 }
 
