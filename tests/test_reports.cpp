@@ -1,7 +1,9 @@
 // Real-world faults (issue 17), each a kind: target rules that see only the base
 // model, layer indices, fields HF fills, per-module keys, tied weights, combined
 // adapters, loading errors. Suite RealHfPeft compares with the real HF peft
-// (tools/reference/hf_cases.py, run by the reference venv's Python).
+// (tools/reference/hf_cases.py, run by the reference venv's Python). Suite
+// NewUser (issue 18): the documentation's quick start and native recipe, run as
+// written, and the messages a new user meets.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <peft/peft.h>
@@ -9,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "doc_snippets_tested.h"  // the ```cpp blocks of docs/ marked snippet-test (tools/extract_snippets.py)
 #include "fixtures.h"
 
 namespace {
@@ -523,6 +526,166 @@ TEST_F(RealHfPeft, LayersToTransformSelectsWhatHfSelects) {
     peft::PeftModel model = peft::get_peft_model(load_case("moe_model"), config);
     EXPECT_EQ(targets_of(model), hf.at(key).get<std::vector<std::string>>()) << key;
   }
+}
+
+// ------------------------------------------------ 8. a new user's path (issue 18)
+/// Runs `fn` with `dir` as the working directory (the snippets use relative paths).
+template <typename Fn>
+void in_directory(const fs::path& dir, Fn&& fn) {
+  struct Back {
+    fs::path to;
+    ~Back() { fs::current_path(to); }
+  } back{fs::current_path()};
+  fs::current_path(dir);
+  fn();
+}
+
+/// The exact message of the peft::Error `fn` throws ("" if none, "other: ..." for another type).
+template <typename Fn>
+std::string error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const peft::Error& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("other: ") + e.what();
+  }
+  return "";
+}
+
+TEST(NewUser, QuickStartAsWrittenTrainsTheHeadAndTheAdapter) {
+  const fs::path dir = peft_test::fresh_dir("quick_start");
+  fs::copy_file(peft_test::fixture_path("bert_cls", "scripted"), dir / "model.pt");
+  torch::manual_seed(0);
+  const torch::Tensor ids = torch::randint(100, {16, 6});  // the fixture's vocabulary: 100
+  const torch::Tensor mask = torch::ones({16, 6}, torch::kLong);
+  const torch::Tensor labels = ids.select(1, 0).remainder(2);  // from the first token: a linear head can learn it
+  in_directory(dir, [&] { peft_snippets::quick_start::run(ids, mask, labels); });
+
+  torch::jit::Module base = torch::jit::load((dir / "model.pt").string());
+  base.eval();
+  auto accuracy = [&](const torch::Tensor& logits) {
+    return logits.argmax(-1).eq(labels).to(torch::kFloat).mean().item<double>();
+  };
+  torch::NoGradGuard no_grad;
+  const double before = accuracy(run(base, {ids, mask}));
+  peft::PeftModel reloaded = peft::PeftModel::from_pretrained(base, dir / "adapter");
+  reloaded.eval();
+  EXPECT_GE(accuracy(run(reloaded, {ids, mask})), 0.9) << "before: " << before;
+  // The head trained and travels in the adapter file (modules_to_save).
+  const auto file = peft::io::load_safetensors(dir / "adapter" / "adapter_model.safetensors");
+  const torch::Tensor head = base.attr("classifier").toModule().attr("weight").toTensor();
+  bool saved_head = false;
+  for (const auto& [key, value] : file.tensors)
+    if (key.find("classifier") != std::string::npos && key.find("weight") != std::string::npos) {
+      saved_head = true;
+      EXPECT_FALSE(torch::equal(value, head)) << key << " did not train";
+    }
+  EXPECT_TRUE(saved_head);
+}
+
+TEST(NewUser, NativeRecipeLoadsAPlainCheckpointThenAddsLoRA) {
+  using peft_snippets::native_recipe::Net;
+  const fs::path dir = peft_test::fresh_dir("native_recipe");
+  torch::manual_seed(0);
+  Net plain;
+  torch::save(plain, (dir / "base.pt").string());
+  const torch::Tensor x = torch::randn({64, 16}), y = x.select(1, 0).gt(0).to(torch::kLong);
+  in_directory(dir, [&] { peft_snippets::native_recipe::fine_tune(x, y); });
+
+  Net adapted;
+  torch::load(adapted, (dir / "base.pt").string());
+  adapted->add_lora(peft::LoraOptions(4).alpha(8));
+  peft::load_trainable(*adapted, dir / "adapter.safetensors");
+  const auto loaded = adapted->named_parameters(), original = plain->named_parameters();
+  EXPECT_TRUE(torch::equal(loaded["fc1.base.weight"], original["fc1.weight"]));
+  EXPECT_TRUE(torch::equal(loaded["fc2.bias"], original["fc2.bias"]));
+  torch::NoGradGuard no_grad;
+  const double base_loss = torch::nn::functional::cross_entropy(plain->forward(x), y).item<double>();
+  const double adapted_loss = torch::nn::functional::cross_entropy(adapted->forward(x), y).item<double>();
+  EXPECT_LT(adapted_loss, 0.5 * base_loss) << base_loss;
+}
+
+TEST(NewUser, TrainingWhileMergedSaysWhatToCall) {
+  peft::PeftModel model = peft::get_peft_model(load_case("mlp"), peft::LoraConfig().r(2).target_modules({"fc1"}));
+  const auto inputs = case_inputs("mlp");
+  model.merge_adapter();
+  model.train();
+  EXPECT_EQ(error_of([&] { run(model, inputs).sum().backward(); }),
+            "adapter 'default' is merged into the base weights, so its parameters get no gradient: call "
+            "unmerge_adapter() before training (or eval() / torch::NoGradGuard for inference)");
+  model.unmerge_adapter();
+  run(model, inputs).sum().backward();  // trains again
+  model.merge_adapter();
+  model.eval();
+  const torch::Tensor merged = run(model, inputs);  // inference: nothing added
+  EXPECT_FALSE(merged.requires_grad());
+
+  peft::LoRALinear layer(torch::nn::Linear(4, 3), peft::LoraOptions(2));
+  layer->merge();
+  EXPECT_EQ(error_of([&] { layer(torch::randn({2, 4})).sum().backward(); }),
+            "LoRALinear is merged into its base weight, so its parameters (lora_A, lora_B) get no gradient: call "
+            "unmerge() before training (or eval() / torch::NoGradGuard for inference)");
+  peft::IA3 ia3(torch::nn::Linear(4, 3));
+  ia3->merge();
+  EXPECT_EQ(error_of([&] { ia3(torch::randn({2, 4})).sum().backward(); }),
+            "IA3 is merged into its base weight, so its parameters (ia3_l) get no gradient: call unmerge() before "
+            "training (or eval() / torch::NoGradGuard for inference)");
+}
+
+TEST(NewUser, TrainingForwardsRunEagerlyUnlessTheProgramChose) {
+  auto& choice = peft::jit::detail::graph_optimization_choice();
+  const int chosen = choice;
+  choice = -1;
+  torch::jit::setGraphExecutorOptimize(true);
+  auto optimised_inside = [](bool training) {
+    const peft::jit::EagerTrainingScope scope(training);
+    return torch::jit::getGraphExecutorOptimize();
+  };
+  EXPECT_FALSE(optimised_inside(true));
+  EXPECT_TRUE(torch::jit::getGraphExecutorOptimize());  // restored
+  EXPECT_TRUE(optimised_inside(false));                 // inference keeps the executor
+  {
+    torch::NoGradGuard no_grad;
+    EXPECT_TRUE(optimised_inside(true));
+  }
+  peft::jit::set_graph_optimization(true);  // the program's choice wins
+  EXPECT_TRUE(optimised_inside(true));
+  choice = chosen;
+}
+
+TEST(NewUser, WarningsGoThroughLibTorchsMechanism) {
+  std::vector<std::string> messages;
+  const std::string printed = stderr_of([&] {
+    const peft::CapturedWarnings captured;
+    peft::get_peft_model(peft_test::load_fixture("gpt2", "scripted"), peft::LoraConfig().r(2).target_modules({"c_attn"}));
+    messages = captured.messages();
+  });
+  EXPECT_EQ(printed, "");
+  EXPECT_THAT(messages, ::testing::ElementsAre("peft: LoraConfig.fan_in_fan_out=false does not fit "
+                                               "transformer.h.0.attn.c_attn, transformer.h.1.attn.c_attn; using the "
+                                               "layout the graph shows"));
+}
+
+TEST(NewUser, AdapterPathMistakesSayWhatTheFileIs) {
+  const fs::path dir = peft_test::fresh_dir("path_mistakes");
+  peft::PeftModel model = peft::get_peft_model(load_case("mlp"), peft::LoraConfig().r(2).target_modules({"fc1"}));
+  model.save_pretrained(dir / "adapter");
+  const fs::path weights = dir / "adapter" / "adapter_model.safetensors";
+  auto load = [&](const fs::path& path) { return error_of([&] { peft::PeftModel::from_pretrained(load_case("mlp"), path); }); };
+  EXPECT_EQ(load(weights), "'" + weights.string() +
+                               "' is a file; expected the adapter directory (holding adapter_config.json and "
+                               "adapter_model.safetensors)");
+  EXPECT_EQ(load(dir / "nope"), "adapter directory '" + (dir / "nope").string() + "' does not exist");
+  auto write = [&](const std::string& text) { std::ofstream(weights, std::ios::binary) << text; };
+  write("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 5432\n");
+  EXPECT_EQ(load(dir / "adapter"), "'" + weights.string() +
+                                       "' is a git-lfs pointer, not the safetensors file: fetch the real file (git lfs pull)");
+  write("<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>...</body></html>\n");
+  EXPECT_EQ(load(dir / "adapter"), "'" + weights.string() +
+                                       "' is an HTML/XML page, not a safetensors file: the download returned a web page");
+  write("{\"error\": \"Repository not found\"}");
+  EXPECT_EQ(load(dir / "adapter"), "'" + weights.string() + "' is JSON text, not a safetensors file");
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include <peft/adapter/inject.h>
 #include <peft/bitfit/inject.h>
+#include <peft/core/merged_guard.h>
 #include <peft/core/trainable.h>
 #include <peft/ia3/inject.h>
 #include <peft/lora/inject.h>
@@ -187,8 +188,14 @@ class PeftModel {
 
   // -------------------------------------------------------------- forward
   /// Runs the adapted model with the active adapters (the base model while disabled).
+  /// A training-mode forward runs with eager autograd unless the program chose
+  /// otherwise (jit::set_graph_optimization). Training while merged: backward
+  /// throws ModelError saying so (the merged adapter would get no gradient).
   torch::jit::IValue forward(std::vector<torch::jit::IValue> inputs) {
-    return disabled_ ? base_.forward(std::move(inputs)) : adapted_.forward(std::move(inputs));
+    const jit::EagerTrainingScope eager(adapted_.is_training());
+    if (disabled_) return base_.forward(std::move(inputs));
+    torch::jit::IValue out = adapted_.forward(std::move(inputs));
+    return merged_ ? guard_merged_training(std::move(out)) : out;
   }
 
   /// A mixed-adapter batch: sample b uses adapter `adapter_names[b]` alone
@@ -224,6 +231,7 @@ class PeftModel {
         self->apply_active_flags();
       }
     } restore{this};
+    const jit::EagerTrainingScope eager(adapted_.is_training());
     return adapted_.forward(std::move(inputs));
   }
 
@@ -364,6 +372,28 @@ class PeftModel {
 
  private:
   explicit PeftModel(torch::jit::Module base) : base_(std::move(base)), adapted_(jit::Injection::adapted_clone(base_)) {}
+
+  /// `out` of a forward while merged; in training, its first tensor's backward
+  /// throws a ModelError that names the merged adapters (core/merged_guard.h).
+  torch::jit::IValue guard_merged_training(torch::jit::IValue out) const {
+    if (!detail::records_training(adapted_.is_training())) return out;
+    std::vector<std::string> quoted;
+    for (const auto& name : active_) quoted.push_back("'" + name + "'");
+    const std::string message = fmt::format(
+        "adapter {} is merged into the base weights, so its parameters get no gradient: call unmerge_adapter() before "
+        "training (or eval() / torch::NoGradGuard for inference)",
+        join_names(quoted));
+    if (out.isTensor()) return detail::fail_backward_merged(out.toTensor(), message);
+    if (!out.isTuple()) return out;
+    const auto& elements = out.toTuple()->elements();
+    std::vector<torch::jit::IValue> guarded(elements.begin(), elements.end());
+    for (auto& e : guarded)
+      if (e.isTensor()) {
+        e = detail::fail_backward_merged(e.toTensor(), message);
+        break;
+      }
+    return c10::ivalue::Tuple::create(std::move(guarded));
+  }
 
   /// `base`, with the layers a QLoRA config names quantised to NF4 (in place).
   static torch::jit::Module quantized_base(torch::jit::Module base, const PeftConfig& config) {

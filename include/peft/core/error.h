@@ -3,11 +3,13 @@
 /// The exception types every peft function throws on bad input.
 
 #include <c10/util/Exception.h>
+#include <torch/version.h>
 #include <fmt/format.h>
 
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace peft {
 
@@ -103,5 +105,42 @@ template <typename... Args>
 inline void warn(fmt::format_string<Args...> message, Args&&... args) {
   TORCH_WARN("peft: ", fmt::format(message, std::forward<Args>(args)...));
 }
+
+/// Captures the LibTorch warnings (peft's included) raised on this thread while
+/// it lives, instead of printing them; the previous handler returns after.
+///
+/// ```
+/// peft::CapturedWarnings captured;
+/// auto model = peft::get_peft_model(base, config);
+/// for (const auto& w : captured.messages()) log(w);
+/// ```
+class CapturedWarnings : public c10::WarningHandler {
+#if TORCH_VERSION_MAJOR >= 2
+  static c10::WarningHandler* handler() { return c10::WarningUtils::get_warning_handler(); }
+  static void set_handler(c10::WarningHandler* h) { c10::WarningUtils::set_warning_handler(h); }
+#else
+  static c10::WarningHandler* handler() { return c10::Warning::get_warning_handler(); }
+  static void set_handler(c10::WarningHandler* h) { c10::Warning::set_warning_handler(h); }
+#endif
+
+ public:
+  CapturedWarnings() : previous_(handler()) { set_handler(this); }
+  ~CapturedWarnings() override { set_handler(previous_); }
+  CapturedWarnings(const CapturedWarnings&) = delete;
+  CapturedWarnings& operator=(const CapturedWarnings&) = delete;
+
+  /// Records one warning instead of printing it (LibTorch calls this).
+#if TORCH_VERSION_MAJOR >= 2
+  void process(const c10::Warning& warning) override { messages_.push_back(warning.msg()); }
+#else
+  void process(const c10::SourceLocation&, const std::string& message, const bool) override { messages_.push_back(message); }
+#endif
+  /// The messages, oldest first (peft's start with "peft: ").
+  const std::vector<std::string>& messages() const { return messages_; }
+
+ private:
+  c10::WarningHandler* previous_;
+  std::vector<std::string> messages_;
+};
 
 }  // namespace peft

@@ -2,6 +2,7 @@
 /// @file
 /// IA3 (Liu et al. 2022): a learned scaling vector on a frozen linear layer.
 
+#include <peft/core/merged_guard.h>
 #include <peft/core/shape.h>
 #include <torch/torch.h>
 
@@ -48,6 +49,8 @@ class IA3Impl : public torch::nn::Module {
   /// x [..., in] -> [..., out], scaled by ia3_l.
   torch::Tensor forward(const torch::Tensor& x) {
     check_last_dim(x, base->weight.size(1), "IA3");
+    if (merged_ && detail::records_training(is_training()))
+      return detail::fail_backward_merged(base->forward(x), detail::merged_layer_message("IA3", "ia3_l"));
     if (merged_) return base->forward(x);
     if (options_.feedforward()) return base->forward(functional::ia3(x, ia3_l));
     return functional::ia3(base->forward(x), ia3_l);

@@ -372,6 +372,10 @@ inline void PeftModel::save_pretrained(const std::filesystem::path& dir) const {
 }
 
 inline void PeftModel::load_adapter(const std::filesystem::path& dir, const std::string& name) {
+  check<FileError>(!std::filesystem::is_regular_file(dir),
+                   "'{}' is a file; expected the adapter directory (holding {} and {})", dir.string(), io::kConfigFile,
+                   io::kWeightsFile);
+  check<FileError>(std::filesystem::is_directory(dir), "adapter directory '{}' does not exist", dir.string());
   const std::filesystem::path config_path = dir / io::kConfigFile, weights_path = dir / io::kWeightsFile;
   nlohmann::json j;
   try {

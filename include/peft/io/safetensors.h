@@ -73,6 +73,23 @@ inline bool little_endian() {
 /// The largest header the reader accepts (the reference implementation's limit).
 constexpr uint64_t kMaxHeader = 100'000'000;
 
+/// Throws a FileError that says what `bytes` are when they are a well-known
+/// other format that downloads hand out instead of the file (a git-lfs pointer,
+/// an HTML page, JSON, a zip/pickle archive); returns otherwise.
+inline void reject_other_format(const std::string& bytes, const std::string& source) {
+  auto starts = [&](const char* prefix) { return bytes.rfind(prefix, 0) == 0; };
+  const size_t text = bytes.find_first_not_of(" \t\r\n");
+  const char first = text == std::string::npos ? '\0' : bytes[text];
+  if (starts("version https://git-lfs"))
+    throw FileError("'" + source + "' is a git-lfs pointer, not the safetensors file: fetch the real file (git lfs pull)");
+  if (first == '<')
+    throw FileError("'" + source + "' is an HTML/XML page, not a safetensors file: the download returned a web page");
+  if (first == '{' || first == '[')
+    throw FileError("'" + source + "' is JSON text, not a safetensors file");
+  if (starts("PK\x03\x04") || starts("\x80\x02") || starts("\x80\x04"))
+    throw FileError("'" + source + "' is a PyTorch/pickle or zip archive (torch.save), not a safetensors file");
+}
+
 }  // namespace detail
 
 /// Serialises tensors (moved to CPU, made contiguous) in safetensors format.
@@ -118,8 +135,9 @@ inline TensorFile from_safetensors(const std::string& bytes, const std::string& 
                    bytes.size());
   uint64_t header_len = 0;
   std::memcpy(&header_len, bytes.data(), 8);
-  check<FileError>(header_len <= bytes.size() - 8 && header_len <= detail::kMaxHeader,
-                   "'{}': header length {} exceeds the file ({} bytes) or the {}-byte limit", source, header_len,
+  const bool fits = header_len <= bytes.size() - 8 && header_len <= detail::kMaxHeader;
+  if (!fits) detail::reject_other_format(bytes, source);
+  check<FileError>(fits, "'{}': header length {} exceeds the file ({} bytes) or the {}-byte limit", source, header_len,
                    bytes.size(), detail::kMaxHeader);
   std::set<std::string> keys;
   std::string duplicate;

@@ -5,6 +5,7 @@
 /// adapter calls inserted into a graph, and method replacement. LibTorch 2.x
 /// keeps these APIs; a change there belongs in this file only.
 
+#include <ATen/core/grad_mode.h>
 #include <peft/core/error.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/ir/ir.h>
@@ -13,6 +14,7 @@
 #include <torch/csrc/jit/passes/inliner.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
 
+#include <atomic>
 #include <functional>
 #include <optional>
 #include <string>
@@ -183,11 +185,45 @@ inline bool is_tensor_constant(Value* value) {
   return value->node()->kind() == c10::prim::Constant && value->type()->cast<c10::TensorType>() != nullptr;
 }
 
+namespace detail {
+/// -1: the program has not called set_graph_optimization(); else its choice.
+inline std::atomic<int>& graph_optimization_choice() {
+  static std::atomic<int> choice{-1};
+  return choice;
+}
+}  // namespace detail
+
 /// Turns the TorchScript graph executor's optimisations (profiling, fusion,
-/// symbolic autodiff) on or off for the whole process. For training on CPU with
-/// LibTorch 1.13, off is faster and leaner: eager autograd skips what frozen
-/// weights do not need (docs/performance.md: LoRA step 2.9 s -> 1.4 s).
-inline void set_graph_optimization(bool enabled) { torch::jit::setGraphExecutorOptimize(enabled); }
+/// symbolic autodiff) on or off (LibTorch's setting, per thread), and makes it
+/// the program's explicit choice. Without a choice, PeftModel::forward runs
+/// training-mode forwards eagerly (see EagerTrainingScope): on CPU with LibTorch
+/// 1.13 eager autograd is faster and leaner for training, since it skips what
+/// frozen weights do not need (docs/performance.md: LoRA step 2.9 s -> 1.4 s).
+inline void set_graph_optimization(bool enabled) {
+  detail::graph_optimization_choice() = enabled ? 1 : 0;
+  torch::jit::setGraphExecutorOptimize(enabled);
+}
+
+/// While alive, a forward that records autograd history for training
+/// (`module_training` and grad mode on) runs with the graph executor's
+/// optimisations off, unless the program chose with set_graph_optimization().
+/// Inference keeps the optimised executor.
+class EagerTrainingScope {
+ public:
+  explicit EagerTrainingScope(bool module_training)
+      : active_(module_training && at::GradMode::is_enabled() && detail::graph_optimization_choice() < 0),
+        previous_(torch::jit::getGraphExecutorOptimize()) {
+    if (active_) torch::jit::setGraphExecutorOptimize(false);
+  }
+  ~EagerTrainingScope() {
+    if (active_) torch::jit::setGraphExecutorOptimize(previous_);
+  }
+  EagerTrainingScope(const EagerTrainingScope&) = delete;
+  EagerTrainingScope& operator=(const EagerTrainingScope&) = delete;
+
+ private:
+  bool active_, previous_;
+};
 
 }  // namespace jit
 }  // namespace peft

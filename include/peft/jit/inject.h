@@ -295,8 +295,8 @@ class Injection {
       if (auto d = constant_device(n); d && *d != weights) baked.insert(d->str());
     });
     if (!baked.empty())
-      fmt::print(stderr, "peft: warning: forward hard-codes device {} but the weights are on {}; trace the model on "
-                 "the device it will run on\n", join_names({baked.begin(), baked.end()}), weights.str());
+      warn("forward hard-codes device {} but the weights are on {}; trace the model on the device it will run on",
+           join_names({baked.begin(), baked.end()}), weights.str());
   }
 
   std::string adapter_name_;

@@ -83,8 +83,8 @@ class Tuner : public jit::Tuner {
     check_pattern_keys(config, targets, injection.from_file());
     for (const auto& [target, uses] : targets) add(injection, config, target, uses);
     if (!orientation_mismatch_.empty())  // HF peft warns and corrects the same way
-      fmt::print(stderr, "peft: warning: LoraConfig.fan_in_fan_out={} does not fit {}; using the layout the graph shows\n",
-                 config.fan_in_fan_out(), join_names(orientation_mismatch_, 4));
+      warn("LoraConfig.fan_in_fan_out={} does not fit {}; using the layout the graph shows", config.fan_in_fan_out(),
+           join_names(orientation_mismatch_, 4));
     train_biases(injection, config);
     injection.train_modules_to_save(config.modules_to_save(), config.ensure_weight_tying());
   }
@@ -204,8 +204,7 @@ class Tuner : public jit::Tuner {
       if (t->defined()) *t = t->clone();
     nf4::overwrite(*l.nf4, nf4::quantize(merged, NF4Config().blocksize(q.blocksize).double_quant(q.double_quant())));
     const double error = (nf4::current_weight(*l.nf4, torch::kFloat) - merged).abs().max().item<double>();
-    fmt::print(stderr, "peft: warning: merging LoRA into the NF4 weight of {} re-quantises it: max |error| {:.3g}\n",
-               l.layer.target, error);
+    warn("merging LoRA into the NF4 weight of {} re-quantises it: max |error| {:.3g}", l.layer.target, error);
   }
 
   /// A, B (and DoRA's magnitude) on the weight's device and dtype; PiSSA rewrites the base weight.

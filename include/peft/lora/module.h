@@ -2,6 +2,7 @@
 /// @file
 /// LoRA over frozen torch::nn layers: peft::LoRALinear and peft::LoRAEmbedding.
 
+#include <peft/core/merged_guard.h>
 #include <peft/core/shape.h>
 #include <peft/lora/functional.h>
 #include <peft/lora/options.h>
@@ -84,8 +85,16 @@ class LoRALinearImpl : public torch::nn::Module {
     init_factors(in, out);
   }
 
-  /// x [..., in] -> [..., out]: base(x) plus the scaled low-rank update.
+  /// x [..., in] -> [..., out]: base(x) plus the scaled low-rank update. In
+  /// training mode while merged, backward throws ModelError (say unmerge()).
   torch::Tensor forward(const torch::Tensor& x) {
+    torch::Tensor y = adapted_forward(x);
+    if (!merged_ || !detail::records_training(is_training())) return y;
+    return detail::fail_backward_merged(y, detail::merged_layer_message("LoRALinear", "lora_A, lora_B"));
+  }
+
+  /// forward() without the merged-training check.
+  torch::Tensor adapted_forward(const torch::Tensor& x) {
     check_last_dim(x, in_features(), "LoRALinear");
     if (quantized_) return quantized_forward(x);
     if (merged_) return base->forward(x);
@@ -220,8 +229,8 @@ class LoRALinearImpl : public torch::nn::Module {
       if (t->defined()) *t = t->clone();
     copy_state(*quantized_, nf4::quantize(merged, NF4Config().blocksize(quantized_->blocksize).double_quant(quantized_->double_quant())));
     requantized_ = true;
-    fmt::print(stderr, "peft: warning: LoRALinear merge re-quantises the NF4 base weight: max |error| {:.3g}\n",
-               (nf4::dequantize(*quantized_).to(torch::kFloat) - merged).abs().max().item<double>());
+    warn("LoRALinear merge re-quantises the NF4 base weight: max |error| {:.3g}",
+         (nf4::dequantize(*quantized_).to(torch::kFloat) - merged).abs().max().item<double>());
   }
 
   static void copy_state(nf4::Quantized& to, const nf4::Quantized& from) {
@@ -287,6 +296,9 @@ class LoRAEmbeddingImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& input_ids) {
     check<ShapeError>(!input_ids.is_floating_point(), "LoRAEmbedding: expected integer token ids, got {}",
                       std::string(c10::toString(input_ids.scalar_type())));
+    if (merged_ && detail::records_training(is_training()))
+      return detail::fail_backward_merged(base->forward(input_ids),
+                                          detail::merged_layer_message("LoRAEmbedding", "lora_embedding_A, lora_embedding_B"));
     if (merged_) return base->forward(input_ids);
     torch::Tensor after_A = torch::embedding(lora_embedding_A.t(), input_ids);
     return base->forward(input_ids) + torch::matmul(after_A, lora_embedding_B.t()) * options_.scaling();
