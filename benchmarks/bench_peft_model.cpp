@@ -14,7 +14,7 @@
 #include <filesystem>
 #include <unordered_set>
 
-#include "common/threads.h"
+#include "common/program.h"
 
 namespace {
 
@@ -22,6 +22,21 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+/// "median (min–max)" of `values` (unsorted) times `scale`, with `digits` decimals:
+/// every figure of the tables carries its spread over the runs.
+std::string spread(std::vector<double> values, int digits, double scale = 1.0) {
+  std::sort(values.begin(), values.end());
+  return fmt::format("{:.{}f} ({:.{}f}–{:.{}f})", scale * values[values.size() / 2], digits, scale * values.front(),
+                     digits, scale * values.back(), digits);
+}
+
+/// a[i] / b[i]: ratios of runs taken in alternation, so both sides saw the same machine state.
+std::vector<double> ratios(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> out;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) out.push_back(a[i] / b[i]);
+  return out;
 }
 
 /// LoRA r=8 on the q and v slices of every fused c_attn ([in, out] Conv1D weights).
@@ -91,12 +106,11 @@ int io_mode(const std::string& path, int runs) {
     peft::PeftModel loaded = peft::PeftModel::from_pretrained(base, dir);
     from.push_back(seconds_since(t0));
   }
-  for (auto* v : {&save, &load, &from}) std::sort(v->begin(), v->end());
   const auto bytes = std::filesystem::file_size(dir / "adapter_model.safetensors");
   fmt::print("| adapter | {} parameters, {:.1f} MiB file | |\n", params, bytes / 1048576.0);
-  fmt::print("| save_pretrained (config + safetensors, atomic, fsync) | {:.1f} ms | |\n", 1e3 * save[runs / 2]);
-  fmt::print("| read and validate adapter_model.safetensors | {:.1f} ms | |\n", 1e3 * load[runs / 2]);
-  fmt::print("| from_pretrained (inject + load + checks) | {:.1f} ms | |\n", 1e3 * from[runs / 2]);
+  fmt::print("| save_pretrained (config + safetensors, atomic, fsync), ms | {} | |\n", spread(save, 1, 1e3));
+  fmt::print("| read and validate adapter_model.safetensors, ms | {} | |\n", spread(load, 1, 1e3));
+  fmt::print("| from_pretrained (inject + load + checks), ms | {} | |\n", spread(from, 1, 1e3));
   std::filesystem::remove_all(dir);
   return 0;
 }
@@ -137,10 +151,9 @@ int qlora_mode(const std::string& path, const torch::Tensor& ids, int runs) {
   a.step(ids), b.step(ids);
   std::vector<double> lora_t, qlora_t;
   for (int i = 0; i < runs; ++i) lora_t.push_back(a.step(ids)), qlora_t.push_back(b.step(ids));
-  std::sort(lora_t.begin(), lora_t.end()), std::sort(qlora_t.begin(), qlora_t.end());
   const double mib = 1048576.0;
-  fmt::print("| QLoRA train step / LoRA train step | {:.3f} ({:.2f} s / {:.2f} s) | <= 1.5 |\n",
-             qlora_t[runs / 2] / lora_t[runs / 2], qlora_t[runs / 2], lora_t[runs / 2]);
+  fmt::print("| QLoRA train step / LoRA train step (s: QLoRA; LoRA) | {} ({}; {}) | <= 1.5 |\n",
+             spread(ratios(qlora_t, lora_t), 3), spread(qlora_t, 2), spread(lora_t, 2));
   fmt::print("| quantised linear weights: NF4 bytes / fp32 bytes | {:.4f} ({:.1f} MiB / {:.1f} MiB, {:.2f} bits per weight) | <= 0.14 |\n",
              nf4.bytes / (4.0 * nf4.weights), nf4.bytes / mib, 4.0 * nf4.weights / mib, 8.0 * nf4.bytes / nf4.weights);
   fmt::print("| all frozen weights, QLoRA / fp32 (embeddings stay fp32) | {:.3f} ({:.1f} MiB / {:.1f} MiB) | |\n",
@@ -150,7 +163,7 @@ int qlora_mode(const std::string& path, const torch::Tensor& ids, int runs) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   CLI::App app{"PeftModel benchmark on a GPT-2-small-size TorchScript model"};
   std::string path, rss;
   int threads = 0, runs = 3, batch = 4, seq = 128;
@@ -166,7 +179,7 @@ int main(int argc, char** argv) {
   bool executor = false;
   app.add_flag("--jit-executor", executor, "keep the graph executor's optimisations (default: eager autograd)");
   CLI11_PARSE(app, argc, argv);
-  peft_examples::configure_threads(argv, threads);
+  peft::configure_threads(argv, threads);
   peft::jit::set_graph_optimization(executor);
   torch::manual_seed(0);
   torch::Tensor ids = torch::randint(50257, {batch, seq + 1}, torch::kLong);
@@ -187,8 +200,6 @@ int main(int argc, char** argv) {
   lora.step(ids), full.step(ids);  // warm-up: profiling runs of the graph executor
   std::vector<double> lora_t, full_t;
   for (int i = 0; i < runs; ++i) lora_t.push_back(lora.step(ids)), full_t.push_back(full.step(ids));
-  std::sort(lora_t.begin(), lora_t.end()), std::sort(full_t.begin(), full_t.end());
-  const double lora_step = lora_t[runs / 2], full_step = full_t[runs / 2];
 
   // Inference: base vs unmerged LoRA vs merged, alternating, no grad.
   model.eval();
@@ -214,16 +225,19 @@ int main(int argc, char** argv) {
     model.merge_adapter();
     for (int i = 0; i < 2; ++i) lora_fwd();
     for (int i = 0; i < runs; ++i) b.push_back(base_fwd()), m.push_back(lora_fwd());
-    for (auto* v : {&b, &u, &m}) std::sort(v->begin(), v->end());
-    const double base_s = b[b.size() / 2], unmerged_s = u[runs / 2], merged_s = m[runs / 2];
-    fmt::print("| figure | value | goal |\n| --- | --- | --- |\n");
-    fmt::print("| LoRA train step / full fine-tune train step | {:.3f} ({:.2f} s / {:.2f} s) | <= 0.65 |\n",
-               lora_step / full_step, lora_step, full_step);
-    fmt::print("| unmerged LoRA inference / base | {:.3f} ({:.3f} s / {:.3f} s) | <= 1.05 |\n", unmerged_s / base_s,
-               unmerged_s, base_s);
-    fmt::print("| merged LoRA inference / base | {:.3f} ({:.3f} s / {:.3f} s) | ~ 1.00 |\n", merged_s / base_s, merged_s,
-               base_s);
+    const std::vector<double> base_unmerged(b.begin(), b.begin() + runs), base_merged(b.begin() + runs, b.end());
+    fmt::print("| figure: median (min–max) of {} runs | value | goal |\n| --- | --- | --- |\n", runs);
+    fmt::print("| LoRA train step / full fine-tune train step (s: LoRA; full) | {} ({}; {}) | <= 0.65 |\n",
+               spread(ratios(lora_t, full_t), 3), spread(lora_t, 2), spread(full_t, 2));
+    fmt::print("| unmerged LoRA inference / base (s: LoRA; base) | {} ({}; {}) | <= 1.05 |\n",
+               spread(ratios(u, base_unmerged), 3), spread(u, 3), spread(base_unmerged, 3));
+    fmt::print("| merged LoRA inference / base (s: LoRA; base) | {} ({}; {}) | ~ 1.00 |\n",
+               spread(ratios(m, base_merged), 3), spread(m, 3), spread(base_merged, 3));
     fmt::print("| injection time (get_peft_model) | {:.3f} s | |\n", inject_s);
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return peft_examples::run_program("peft-bench-model", [&] { return run(argc, argv); });
 }

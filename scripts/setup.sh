@@ -13,6 +13,7 @@ PACKAGES=(
   libgloo-dev                     # headers of Gloo, the c10d backend peft::distributed uses
   clang libclang-rt-14-dev        # libFuzzer and clang's sanitizer runtimes (fuzz/, scripts/hardening.sh)
   doxygen                         # the API reference (cmake --build build --target docs)
+  gnuplot-nox                     # peft-finetune's loss.png
 )
 # npm fetches the pinned model and data packages; any npm will do (the machine's own counts).
 command -v npm > /dev/null || PACKAGES+=(npm)

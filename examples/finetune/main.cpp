@@ -21,7 +21,7 @@
 
 #include "common/batches.h"
 #include "common/spam_data.h"
-#include "common/threads.h"
+#include "common/program.h"
 #include "common/use_tokenizer.h"
 
 namespace {
@@ -52,9 +52,12 @@ double default_lr(const std::string& method) {
   return 1e-2;  // ia3, prefix, prompt, bitfit, linear-probe
 }
 
-/// Draws loss.csv into loss.png when gnuplot is installed; returns whether it did.
+/// Draws loss.csv into loss.png when gnuplot is installed; returns whether it did, and says why not.
 bool plot_loss_curve(const std::filesystem::path& dir) {
-  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) return false;
+  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
+    fmt::print("no loss.png: gnuplot is not installed (scripts/setup.sh installs gnuplot-nox)\n");
+    return false;
+  }
   const auto csv = (dir / "loss.csv").string(), png = (dir / "loss.png").string();
   const std::string script = fmt::format(
       "set terminal png size 900,500; set output '{0}'; set datafile separator ','; set key autotitle columnhead; "
@@ -62,7 +65,9 @@ bool plot_loss_curve(const std::filesystem::path& dir) {
       "plot '{1}' using 1:3 with lines lc rgb '#c0c0c0' title 'per step', '{1}' using 1:3 smooth bezier lw 2 "
       "title 'smoothed'",
       png, csv);
-  return std::system(fmt::format("gnuplot -e \"{}\"", script).c_str()) == 0;
+  const bool drawn = std::system(fmt::format("gnuplot -e \"{}\"", script).c_str()) == 0;
+  if (!drawn) fmt::print("no loss.png: gnuplot failed on {}\n", csv);
+  return drawn;
 }
 
 std::string clock_time(double seconds) {
@@ -72,7 +77,7 @@ std::string clock_time(double seconds) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   CLI::App app{"Fine-tune USE-Lite on SpamAssassin with a PEFT method"};
   std::string method = "lora", model_path = PEFT_USE_LITE, assets = PEFT_ASSETS_DIR, out;
   int64_t r = 8, epochs = 2, batch_size = 32, max_tokens = 128, seed = 0;
@@ -91,7 +96,7 @@ int main(int argc, char** argv) {
   app.add_option("--model", model_path, "USE-Lite TorchScript model (tools/convert_use_lite.py)")->check(CLI::ExistingFile);
   app.add_option("--assets", assets, "where scripts/fetch_assets.sh unpacked the model and data");
   CLI11_PARSE(app, argc, argv);
-  peft_examples::configure_threads(argv, threads);
+  peft::configure_threads(argv, threads);
   peft::jit::set_graph_optimization(false);  // eager autograd: faster training on CPU
   // Data-parallel when started by peft-launch (or torchrun): only trainable gradients cross.
   std::optional<peft::distributed::ProcessGroup> group;
@@ -229,4 +234,8 @@ int main(int argc, char** argv) {
   fmt::print("RESULT | {} | {} ({:.2f} %) | {:.4f} | {:.4f} | {:.0f} s | {:.0f} MiB | {:.1f} KiB |\n", method, trainable,
              100.0 * trainable / total, m.accuracy, m.f1, train_seconds / epochs, peak_rss_mib, adapter_bytes / 1024.0);
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return peft_examples::run_program("peft-finetune", [&] { return run(argc, argv); });
 }

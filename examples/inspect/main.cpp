@@ -1,14 +1,68 @@
-// peft-inspect: reports which PEFT methods a TorchScript export supports, and
-// why not where it does not (see docs/export-conventions.md).
+// peft-inspect: the module tree of a TorchScript export, with each linear
+// layer's shape and the methods that can attach where, then which PEFT methods
+// the model supports as a whole, and why not where it does not
+// (see docs/export-conventions.md).
 //   peft-inspect model.pt
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <peft/peft.h>
 
+#include <map>
+#include <set>
+
+#include "common/program.h"
+
 namespace {
 
-/// Tries to inject `config`; prints the trainable count or the error.
+/// The class name of a TorchScript module ("Linear", "Conv1D", ...).
+std::string class_name(const torch::jit::Module& m) {
+  const auto type = m.type()->name();
+  return type ? type->name() : "?";
+}
+
+/// "weight [192, 64], bias [192]": the module's own tensors.
+std::string own_tensors(const torch::jit::Module& m) {
+  std::string out;
+  for (const auto& a : m.named_attributes(/*recurse=*/false))
+    if (a.value.isTensor() && a.value.toTensor().defined())
+      out += fmt::format("{}{} {}", out.empty() ? "" : ", ", a.name, peft::shape_str(a.value.toTensor().sizes()));
+  return out;
+}
+
+/// What attaches at a linear layer: the methods, and why "all-linear" leaves it out.
+std::string linear_note(const std::vector<peft::jit::LinearSite>& uses) {
+  const auto& s = uses.front();
+  return fmt::format("linear {} -> {}{}  [LoRA, DoRA, IA3{}]{}", s.in_features, s.out_features,
+                     s.fan_in_fan_out ? " (weight [in, out]: fan_in_fan_out)" : "", s.bias ? ", BitFit" : "",
+                     peft::jit::is_output_head(s.module, uses) ? "  output head: not in \"all-linear\"" : "");
+}
+
+/// Prints every module, indented by depth, with what can attach to it.
+void print_tree(const torch::jit::Module& model) {
+  std::map<std::string, std::string> linear;  // module -> its note (the sites point into the graph: used while it lives)
+  try {
+    auto graph = peft::jit::inlined_copy(*peft::jit::method_graph(model, "forward"));
+    for (const auto& [module, uses] : peft::jit::sites_by_module(peft::jit::find_linear_sites(*graph, model)))
+      linear[module] = linear_note(uses);
+  } catch (const peft::Error& e) {
+    fmt::print("  (linear layers unknown: {})\n", e.what());
+  }
+  fmt::print("modules (name, class, tensors; [methods that attach there]):\n");
+  for (const auto& m : model.named_modules()) {
+    const std::string name = m.name.empty() ? "(root)" : m.name;
+    const auto depth = static_cast<size_t>(std::count(m.name.begin(), m.name.end(), '.')) + (m.name.empty() ? 0 : 1);
+    const auto it = linear.find(m.name);
+    std::string note = it != linear.end() ? it->second : own_tensors(m.value);
+    if (it == linear.end() && m.value.hasattr("bias") && m.value.attr("bias").isTensor()) note += "  [BitFit]";
+    fmt::print("  {}{:<{}} {:<14} {}\n", std::string(2 * depth, ' '), name, std::max<size_t>(1, 44 - 2 * depth),
+               class_name(m.value), note);
+  }
+}
+
+/// Tries to inject `config`; prints the trainable count or the error. Warnings of
+/// the probe (e.g. on fan_in_fan_out) are the probe's, not the user's: dropped.
 void try_method(const torch::jit::Module& model, const std::string& name, const peft::PeftConfig& config) {
+  const peft::CapturedWarnings quiet;
   try {
     peft::PeftModel adapted = peft::get_peft_model(model, config);
     fmt::print("  {:<8} yes  {}\n", name, peft::format_trainable_parameters(adapted.count_parameters()));
@@ -17,21 +71,48 @@ void try_method(const torch::jit::Module& model, const std::string& name, const 
   }
 }
 
+/// The modules that hold linear layers (a block's attention, its MLP): where
+/// bottleneck adapters usually go.
+std::vector<std::string> sublayers(const torch::jit::Module& model) {
+  std::set<std::string> parents;
+  try {
+    auto graph = peft::jit::inlined_copy(*peft::jit::method_graph(model, "forward"));
+    for (const auto& site : peft::jit::find_linear_sites(*graph, model))
+      if (auto dot = site.module.rfind('.'); dot != std::string::npos) parents.insert(site.module.substr(0, dot));
+  } catch (const peft::Error&) {
+  }
+  return {parents.begin(), parents.end()};
+}
+
 }  // namespace
 
-int main(int argc, char** argv) {
-  CLI::App app{"Which PEFT methods a TorchScript model supports"};
+int run(int argc, char** argv) {
+  CLI::App app{"The module tree of a TorchScript model and the PEFT methods it supports"};
   std::string path;
   app.add_option("model", path, "a model saved with torch.jit.script/trace(...).save()")->required()->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
   torch::jit::Module model = torch::jit::load(path);
-  fmt::print("{}\n", path);
+  int64_t parameters = 0;
+  for (const auto& p : model.parameters()) parameters += p.numel();
+  fmt::print("{}: {} parameters\n", path, peft::with_thousands(parameters));
+  print_tree(model);
+  fmt::print("methods (target_modules \"all-linear\" where a method takes targets):\n");
   try_method(model, "LoRA", peft::LoraConfig().target_modules("all-linear"));
   try_method(model, "DoRA", peft::LoraConfig().target_modules("all-linear").use_dora(true));
   try_method(model, "IA3", peft::IA3Config().target_modules("all-linear"));
   try_method(model, "BitFit", peft::BitFitConfig().norm(true));
   try_method(model, "prompt", peft::PromptTuningConfig().num_virtual_tokens(10));
   try_method(model, "prefix", peft::PrefixTuningConfig().num_virtual_tokens(10));
-  fmt::print("  adapter  needs target_modules: the submodules after which to insert (e.g. \".*\\\\.(attn|mlp)\")\n");
+  const auto after = sublayers(model);
+  if (after.empty()) {
+    fmt::print("  {:<8} no   no submodule holds a linear layer to put an adapter after\n", "adapter");
+  } else {
+    fmt::print("  (adapter: after the {} modules holding linear layers, e.g. '{}')\n", after.size(), after.front());
+    try_method(model, "adapter", peft::AdapterConfig().target_modules(after));
+  }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return peft_examples::run_program("peft-inspect", [&] { return run(argc, argv); });
 }

@@ -16,7 +16,7 @@
 #include <fstream>
 #include <random>
 
-#include "common/threads.h"
+#include "common/program.h"
 
 namespace {
 
@@ -125,7 +125,7 @@ double tokens_per_second(torch::jit::Module& lm, bool cache, int64_t n) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   CLI::App app{"Pretrain a small causal LM on State of the Union addresses, adapt it to Moby Dick"};
   std::string assets = PEFT_ASSETS_DIR, init = PEFT_LM_INIT, out = "runs/lm";
   int64_t pretrain_steps = 1500, adapt_steps = 300;
@@ -134,12 +134,14 @@ int main(int argc, char** argv) {
   int64_t eval_kb = 0;
   app.add_option("--eval-kb", eval_kb, "evaluate on the first N KB of the held-out text only (0: all; quick runs)");
   app.add_option("--only", only, "run only the methods whose name contains this");
-  app.add_option("--pretrain-steps", pretrain_steps);
+  app.add_option("--pretrain-steps", pretrain_steps, "steps of pretraining on the State of the Union");
   app.add_option("--adapt-steps", adapt_steps, "steps of each method on Moby Dick");
   app.add_option("--out", out, "base.pt (reused when present), results.md");
-  app.add_option("--threads", threads), app.add_option("--assets", assets), app.add_option("--init", init);
+  app.add_option("--threads", threads, "CPU threads for OpenMP and OpenBLAS (0 = all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--assets", assets, "where scripts/fetch_assets.sh unpacked the texts");
+  app.add_option("--init", init, "the randomly initialised TorchScript LM (tools/export_lm.py)");
   CLI11_PARSE(app, argc, argv);
-  peft_examples::configure_threads(argv, threads);
+  peft::configure_threads(argv, threads);
   peft::jit::set_graph_optimization(false);  // eager autograd: faster CPU training
   torch::manual_seed(0);
   std::filesystem::create_directories(out);
@@ -156,7 +158,10 @@ int main(int argc, char** argv) {
     torch::jit::Module lm = torch::jit::load(init);
     std::vector<torch::Tensor> params;
     for (auto p : lm.parameters()) params.push_back(p.set_requires_grad(true));
-    fmt::print("pretraining {} parameters on the State of the Union, {} steps\n", params.size(), pretrain_steps);
+    int64_t count = 0;
+    for (const auto& p : params) count += p.numel();
+    fmt::print("pretraining all {} parameters ({} tensors) on the State of the Union, {} steps\n",
+               peft::with_thousands(count), params.size(), pretrain_steps);
     const auto start = Clock::now();
     lm.train();
     auto forward = [&](const torch::Tensor& ids, const torch::Tensor& mask) { return lm.forward({ids, mask}).toTensor(); };
@@ -242,4 +247,9 @@ int main(int argc, char** argv) {
                              "\n" + speed;
   fmt::print("\n{}", report);
   peft::io::write_file_atomic(out + "/results.md", report);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  return peft_examples::run_program("peft-lm", [&] { return run(argc, argv); });
 }

@@ -11,7 +11,7 @@
 #include <random>
 
 #include "common/batches.h"
-#include "common/threads.h"
+#include "common/program.h"
 
 namespace {
 using namespace peft_examples;
@@ -117,16 +117,18 @@ double max_difference(Classifier& a, Classifier& b, const std::vector<Batch>& ba
 }
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   CLI::App app{"Adapt a torch::nn transformer with peft::LoRALinear / Adapter / PromptEmbedding"};
   std::string method = "lora", assets = PEFT_ASSETS_DIR, out = "runs/native";
   int epochs = 3, threads = 2;
-  app.add_option("--method", method)->check(CLI::IsMember({"lora", "adapter", "prompt"}));
-  app.add_option("--epochs", epochs, "epochs of adaptation (the base: twice as many)");
+  app.add_option("--method", method, "PEFT method: LoRA on every projection, bottleneck adapters, or prompt tuning")
+      ->check(CLI::IsMember({"lora", "adapter", "prompt"}));
+  app.add_option("--epochs", epochs, "epochs of adaptation (the base: twice as many)")->check(CLI::PositiveNumber);
   app.add_option("--out", out, "for base.pt (reused when present) and adapter.safetensors");
-  app.add_option("--threads", threads), app.add_option("--assets", assets);
+  app.add_option("--threads", threads, "CPU threads for OpenMP and OpenBLAS (0 = all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--assets", assets, "where scripts/fetch_assets.sh unpacked the model and data");
   CLI11_PARSE(app, argc, argv);
-  configure_threads(argv, threads);
+  peft::configure_threads(argv, threads);
   torch::manual_seed(0);
 
   auto corpus = load_spam_assassin(std::filesystem::path(assets) / "spam-assassin");
@@ -182,4 +184,8 @@ int main(int argc, char** argv) {
     fmt::print("merged: max |logit difference| {:.2g}\n", max_difference(model, reloaded, test_set));
   }
   return reload_diff == 0 ? 0 : 1;
+}
+
+int main(int argc, char** argv) {
+  return peft_examples::run_program("peft-native", [&] { return run(argc, argv); });
 }

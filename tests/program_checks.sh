@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# ctest example.programs_as_a_user_meets_them: the example programs as a new
+# user meets them (issue 18): a bad path is an error message and exit status 1
+# (not an abort), --help describes every option, peft-inspect shows the module
+# tree and where each method attaches, and prints no warnings of its own probes.
+#   tests/program_checks.sh EXAMPLES_DIR FIXTURE_DIR
+set -uo pipefail
+bin=$1 fixtures=$2
+fail() { echo "FAILED: $*" >&2; exit 1; }
+
+# expect_error STATUS PATTERN COMMAND...: the command exits STATUS with PATTERN in its output.
+expect_error() {
+  local want=$1 pattern=$2 out rc
+  shift 2
+  out=$("$@" 2>&1); rc=$?
+  [ "$rc" -eq "$want" ] || fail "$* exited $rc, not $want: $out"
+  grep -q -- "$pattern" <<<"$out" || fail "$* did not print '$pattern': $out"
+}
+missing="error: no SpamAssassin data in '/nonexistent/spam-assassin/data' (run scripts/fetch_assets.sh)$"
+expect_error 1 "^peft-finetune: $missing" "$bin/peft-finetune" --assets /nonexistent
+expect_error 1 "^peft-native: $missing" "$bin/peft-native" --assets /nonexistent
+expect_error 1 "^peft-inspect: error: " "$bin/peft-inspect" "$0"   # a shell script, not a TorchScript file
+expect_error 1 "^peft-lm: error: " "$bin/peft-lm" --assets /nonexistent --out "$(mktemp -d)"
+
+# Without gnuplot: the run says why there is no loss.png (a tiny run: one epoch of 4-token emails).
+out=$(PATH=/nonexistent "$bin/peft-finetune" --method linear-probe --epochs 1 --max-tokens 4 --out "$(mktemp -d)" 2>&1) \
+  || fail "peft-finetune: $out"
+grep -q "^no loss.png: gnuplot is not installed (scripts/setup.sh installs gnuplot-nox)$" <<<"$out" \
+  || fail "peft-finetune did not say why there is no loss.png: $out"
+
+help=$("$bin/peft-native" --help)
+grep -q -- "--threads .*CPU threads" <<<"$help" || fail "peft-native --help: --threads undescribed: $help"
+grep -q -- "--assets .*fetch_assets" <<<"$help" || fail "peft-native --help: --assets undescribed: $help"
+help=$("$bin/peft-lm" --help)
+grep -q -- "--pretrain-steps .*steps" <<<"$help" || fail "peft-lm --help: --pretrain-steps undescribed: $help"
+
+out=$("$bin/peft-inspect" "$fixtures/gpt2_scripted.pt" 2>&1) || fail "peft-inspect gpt2: $out"
+grep -q "transformer.h.0.attn.c_attn .*Conv1D .*linear 64 -> 192 (weight \[in, out\]: fan_in_fan_out)  \[LoRA, DoRA, IA3, BitFit\]" <<<"$out" \
+  || fail "peft-inspect: no c_attn line: $out"
+grep -q "^  adapter  yes" <<<"$out" || fail "peft-inspect: the adapter probe failed: $out"
+grep -qi "warn" <<<"$out" && fail "peft-inspect printed a warning: $out"
+echo "ok"
