@@ -5,12 +5,15 @@
 # it also replaces that section of the doc, which each script allows only for a
 # complete run under the documented budget (refuse_partial).
 
+shopt -s inherit_errexit  # a failing run inside $(...) stops the script: no table from failed runs
+
 UPDATE_DOCS=0
 POSITIONAL=()
 for arg in "$@"; do
   case "$arg" in
     --update-docs) UPDATE_DOCS=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "$(basename "$0"): unknown option '$arg' (only --update-docs)" >&2; exit 2 ;;
     *) POSITIONAL+=("$arg") ;;
   esac
 done
@@ -18,7 +21,9 @@ done
 # refuse_partial REASON...: with --update-docs, stops before running when a reason is given.
 refuse_partial() {
   if [ "$UPDATE_DOCS" = 1 ] && [ $# -gt 0 ]; then
-    echo "$(basename "$0"): --update-docs refused: $*; the docs hold only complete runs at the documented budget" >&2
+    local joined
+    joined=$(printf '%s; ' "$@")
+    echo "$(basename "$0"): --update-docs refused: ${joined}the docs hold only complete runs at the documented budget" >&2
     exit 2
   fi
 }

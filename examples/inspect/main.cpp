@@ -48,26 +48,18 @@ void print_tree(const torch::jit::Module& model) {
     fmt::print("  (linear layers unknown: {})\n", e.what());
   }
   fmt::print("modules (name, class, tensors; [methods that attach there]):\n");
+  auto depth_of = [](const std::string& name) {
+    return name.empty() ? size_t{0} : static_cast<size_t>(std::count(name.begin(), name.end(), '.')) + 1;
+  };
+  size_t width = 0;  // the name column fits the deepest, longest name
+  for (const auto& m : model.named_modules()) width = std::max(width, 2 * depth_of(m.name) + m.name.size() + 2);
   for (const auto& m : model.named_modules()) {
     const std::string name = m.name.empty() ? "(root)" : m.name;
-    const auto depth = static_cast<size_t>(std::count(m.name.begin(), m.name.end(), '.')) + (m.name.empty() ? 0 : 1);
+    const size_t depth = depth_of(m.name);
     const auto it = linear.find(m.name);
     std::string note = it != linear.end() ? it->second : own_tensors(m.value);
     if (it == linear.end() && m.value.hasattr("bias") && m.value.attr("bias").isTensor()) note += "  [BitFit]";
-    fmt::print("  {}{:<{}} {:<14} {}\n", std::string(2 * depth, ' '), name, std::max<size_t>(1, 44 - 2 * depth),
-               class_name(m.value), note);
-  }
-}
-
-/// Tries to inject `config`; prints the trainable count or the error. Warnings of
-/// the probe (e.g. on fan_in_fan_out) are the probe's, not the user's: dropped.
-void try_method(const torch::jit::Module& model, const std::string& name, const peft::PeftConfig& config) {
-  const peft::CapturedWarnings quiet;
-  try {
-    peft::PeftModel adapted = peft::get_peft_model(model, config);
-    fmt::print("  {:<8} yes  {}\n", name, peft::format_trainable_parameters(adapted.count_parameters()));
-  } catch (const peft::Error& e) {
-    fmt::print("  {:<8} no   {}\n", name, e.what());
+    fmt::print("  {}{:<{}} {:<14} {}\n", std::string(2 * depth, ' '), name, width - 2 * depth, class_name(m.value), note);
   }
 }
 
@@ -84,6 +76,43 @@ std::vector<std::string> sublayers(const torch::jit::Module& model) {
   return {parents.begin(), parents.end()};
 }
 
+/// The trainable count `config` gives, or the error it raises. Warnings of the
+/// probe (e.g. on fan_in_fan_out) are the probe's, not the user's: dropped.
+std::pair<bool, std::string> probe(const torch::jit::Module& model, const peft::PeftConfig& config) {
+  const peft::CapturedWarnings quiet;
+  try {
+    peft::PeftModel adapted = peft::get_peft_model(model, config);
+    return {true, peft::format_trainable_parameters(adapted.count_parameters())};
+  } catch (const peft::Error& e) {
+    return {false, e.what()};
+  }
+}
+
+/// Prints whether `config` (described as `name`) attaches, and its count or error.
+void try_method(const torch::jit::Module& model, const std::string& name, const peft::PeftConfig& config) {
+  const auto [ok, text] = probe(model, config);
+  fmt::print("  {:<12} {:<4} {}\n", name, ok ? "yes" : "no", text);
+}
+
+/// Bottleneck adapters go after a submodule whose output width is known; probes
+/// each module holding linear layers and prints where they attach, and why not.
+void try_adapters(const torch::jit::Module& model) {
+  std::vector<std::string> fit;
+  std::string refused;
+  for (const auto& module : sublayers(model)) {
+    const auto [ok, text] = probe(model, peft::AdapterConfig().target_modules(std::vector<std::string>{module}));
+    if (ok) fit.push_back(module);
+    if (!ok && refused.empty()) refused = text;
+  }
+  if (fit.empty()) {
+    fmt::print("  {:<12} no   {}\n", "adapter", refused.empty() ? "no submodule holds a linear layer" : refused);
+    return;
+  }
+  try_method(model, "adapter", peft::AdapterConfig().target_modules(fit));
+  fmt::print("  {:<12}      after {} of the modules holding linear layers, e.g. '{}'{}\n", "", fit.size(), fit.front(),
+             refused.empty() ? "" : "; not after others: " + refused);
+}
+
 }  // namespace
 
 int run(int argc, char** argv) {
@@ -91,25 +120,26 @@ int run(int argc, char** argv) {
   std::string path;
   app.add_option("model", path, "a model saved with torch.jit.script/trace(...).save()")->required()->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
-  torch::jit::Module model = torch::jit::load(path);
+  torch::jit::Module model;
+  try {
+    model = torch::jit::load(path);
+  } catch (const c10::Error& e) {
+    throw peft::FileError(fmt::format("'{}' is not a TorchScript model (save one with torch.jit.script(m).save(path)): {}",
+                                      path, e.what_without_backtrace()));
+  }
   int64_t parameters = 0;
   for (const auto& p : model.parameters()) parameters += p.numel();
   fmt::print("{}: {} parameters\n", path, peft::with_thousands(parameters));
   print_tree(model);
-  fmt::print("methods (target_modules \"all-linear\" where a method takes targets):\n");
+  fmt::print("methods (LoRA, DoRA, IA3: target_modules \"all-linear\"; BitFit+norm: norm(true); 10 virtual tokens):\n");
   try_method(model, "LoRA", peft::LoraConfig().target_modules("all-linear"));
   try_method(model, "DoRA", peft::LoraConfig().target_modules("all-linear").use_dora(true));
   try_method(model, "IA3", peft::IA3Config().target_modules("all-linear"));
-  try_method(model, "BitFit", peft::BitFitConfig().norm(true));
+  try_method(model, "BitFit", peft::BitFitConfig());
+  try_method(model, "BitFit+norm", peft::BitFitConfig().norm(true));
   try_method(model, "prompt", peft::PromptTuningConfig().num_virtual_tokens(10));
   try_method(model, "prefix", peft::PrefixTuningConfig().num_virtual_tokens(10));
-  const auto after = sublayers(model);
-  if (after.empty()) {
-    fmt::print("  {:<8} no   no submodule holds a linear layer to put an adapter after\n", "adapter");
-  } else {
-    fmt::print("  (adapter: after the {} modules holding linear layers, e.g. '{}')\n", after.size(), after.front());
-    try_method(model, "adapter", peft::AdapterConfig().target_modules(after));
-  }
+  try_adapters(model);
   return 0;
 }
 

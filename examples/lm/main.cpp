@@ -40,6 +40,8 @@ std::pair<std::string, std::string> moby_dick(const std::filesystem::path& dir) 
 
 /// Every State of the Union address, oldest first.
 std::string state_of_the_union(const std::filesystem::path& dir) {
+  peft::check<peft::FileError>(std::filesystem::is_directory(dir / "data"),
+                               "no State of the Union data in '{}' (run scripts/fetch_assets.sh)", (dir / "data").string());
   std::vector<std::filesystem::path> files;
   for (const auto& f : std::filesystem::directory_iterator(dir / "data"))
     if (f.path().extension() == ".txt") files.push_back(f.path());
@@ -127,6 +129,7 @@ double tokens_per_second(torch::jit::Module& lm, bool cache, int64_t n) {
 
 int run(int argc, char** argv) {
   CLI::App app{"Pretrain a small causal LM on State of the Union addresses, adapt it to Moby Dick"};
+  app.option_defaults()->always_capture_default();  // --help shows each default
   std::string assets = PEFT_ASSETS_DIR, init = PEFT_LM_INIT, out = "runs/lm";
   int64_t pretrain_steps = 1500, adapt_steps = 300;
   int threads = 2;
@@ -139,7 +142,7 @@ int run(int argc, char** argv) {
   app.add_option("--out", out, "base.pt (reused when present), results.md");
   app.add_option("--threads", threads, "CPU threads for OpenMP and OpenBLAS (0 = all cores)")->check(CLI::NonNegativeNumber);
   app.add_option("--assets", assets, "where scripts/fetch_assets.sh unpacked the texts");
-  app.add_option("--init", init, "the randomly initialised TorchScript LM (tools/export_lm.py)");
+  app.add_option("--init", init, "the randomly initialised TorchScript LM (tools/export_lm.py)")->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
   peft::configure_threads(argv, threads);
   peft::jit::set_graph_optimization(false);  // eager autograd: faster CPU training

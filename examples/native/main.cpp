@@ -119,6 +119,7 @@ double max_difference(Classifier& a, Classifier& b, const std::vector<Batch>& ba
 
 int run(int argc, char** argv) {
   CLI::App app{"Adapt a torch::nn transformer with peft::LoRALinear / Adapter / PromptEmbedding"};
+  app.option_defaults()->always_capture_default();  // --help shows each default
   std::string method = "lora", assets = PEFT_ASSETS_DIR, out = "runs/native";
   int epochs = 3, threads = 2;
   app.add_option("--method", method, "PEFT method: LoRA on every projection, bottleneck adapters, or prompt tuning")
