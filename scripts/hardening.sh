@@ -22,6 +22,7 @@ ldd "$B/tests/peft_tests" | grep -q libubsan || { echo "hardening: $B/tests/peft
 export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 # consumer_* build a separate CMake project against the installed headers: no code of ours runs there.
-ctest --test-dir "$B" -j "$JOBS" --output-on-failure -E '^consumer'
+# The program and benchmark-script checks need peft-finetune and peft-inspect, which scripts/test.sh builds and runs.
+ctest --test-dir "$B" -j "$JOBS" --output-on-failure -E '^(consumer|example\.programs_as_a_user_meets_them|benchmarks\.)'
 
 PARALLEL=1 fuzz/run.sh "${FUZZ_SECONDS:-60}"
