@@ -31,26 +31,27 @@ rss_ratio_row() {
     END { n = NR; mr = med(r, n); lo = r[1]; hi = r[n]; ma = med(a, n); mb = med(b, n)
           printf "| %s | %.3f (%.3f–%.3f) (%d MiB / %d MiB) |", label, mr, lo, hi, ma, mb }'
 }
-rss_row() {  # rss_row [--jit-executor]
-  local tmp; tmp=$(mktemp -d)
+# rss_pair_row LABEL A B GOAL [ARGS...]: peak RSS of methods A and B (RUNS separate processes
+# each, alternated) as the row "A / B".
+rss_pair_row() {
+  local label=$1 a=$2 b=$3 goal=$4 tmp
+  shift 4
+  tmp=$(mktemp -d)
   for _ in $(seq "$RUNS"); do
-    $bench --rss lora "$@" | awk '/peak_rss_mib/ {print $3}' >> "$tmp/lora"
-    $bench --rss full "$@" | awk '/peak_rss_mib/ {print $3}' >> "$tmp/full"
+    $bench --rss "$a" "$@" | awk '/peak_rss_mib/ {print $3}' >> "$tmp/a"
+    $bench --rss "$b" "$@" | awk '/peak_rss_mib/ {print $3}' >> "$tmp/b"
   done
-  rss_ratio_row "peak RSS, LoRA training / full fine-tuning (separate processes)" "$tmp/lora" "$tmp/full"
-  echo " <= 0.40 |"
+  rss_ratio_row "$label" "$tmp/a" "$tmp/b"
+  echo " $goal |"
   rm -rf "$tmp"
+}
+rss_row() {  # rss_row [--jit-executor]
+  rss_pair_row "peak RSS, LoRA training / full fine-tuning (separate processes)" lora full "<= 0.40" "$@"
 }
 
 io_table=$($bench --io | grep '^|')
-qlora_tmp=$(mktemp -d)
-for _ in $(seq "$RUNS"); do
-  $bench --rss lora | awk '/peak_rss_mib/ {print $3}' >> "$qlora_tmp/lora"
-  $bench --rss qlora | awk '/peak_rss_mib/ {print $3}' >> "$qlora_tmp/qlora"
-done
 qlora_table=$($bench --qlora | grep '^|'
-  rss_ratio_row "peak RSS, QLoRA training / LoRA training (separate processes)" "$qlora_tmp/qlora" "$qlora_tmp/lora"; echo " |")
-rm -rf "$qlora_tmp"
+  rss_pair_row "peak RSS, QLoRA training / LoRA training (separate processes)" qlora lora "")
 eager=$($bench | grep '^|'; rss_row)
 executor=$($bench --jit-executor | grep '^|'; rss_row --jit-executor)
 

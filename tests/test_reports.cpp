@@ -686,6 +686,12 @@ TEST(NewUser, AdapterPathMistakesSayWhatTheFileIs) {
                                        "' is an HTML/XML page, not a safetensors file: the download returned a web page");
   write("{\"error\": \"Repository not found\"}");
   EXPECT_EQ(load(dir / "adapter"), "'" + weights.string() + "' is JSON text, not a safetensors file");
+  write(std::string("PK\x03\x04", 4) + "archive/data.pkl");  // torch.save's zip format
+  EXPECT_EQ(load(dir / "adapter"), "'" + weights.string() +
+                                       "' is a PyTorch/pickle or zip archive (torch.save), not a safetensors file");
+  write("\n\n  <html lang=\"en\"><body>Not Found</body></html>");  // leading blank lines, lower case
+  EXPECT_EQ(load(dir / "adapter"), "'" + weights.string() +
+                                       "' is an HTML/XML page, not a safetensors file: the download returned a web page");
 }
 
 }  // namespace

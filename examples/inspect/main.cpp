@@ -37,16 +37,34 @@ std::string linear_note(const std::vector<peft::jit::LinearSite>& uses) {
                      peft::jit::is_output_head(s.module, uses) ? "  output head: not in \"all-linear\"" : "");
 }
 
-/// Prints every module, indented by depth, with what can attach to it.
-void print_tree(const torch::jit::Module& model) {
-  std::map<std::string, std::string> linear;  // module -> its note (the sites point into the graph: used while it lives)
+/// The linear layers of the forward graph, found once: each layer's note, and
+/// the modules holding them (where bottleneck adapters usually go). Empty, with
+/// the reason, when the graph cannot be read (a frozen export).
+struct LinearLayers {
+  std::map<std::string, std::string> notes;  // the sites point into the graph: turned into text while it lives
+  std::vector<std::string> parents;
+  std::string unknown_because;
+};
+
+LinearLayers linear_layers(const torch::jit::Module& model) {
+  LinearLayers out;
+  std::set<std::string> parents;
   try {
     auto graph = peft::jit::inlined_copy(*peft::jit::method_graph(model, "forward"));
-    for (const auto& [module, uses] : peft::jit::sites_by_module(peft::jit::find_linear_sites(*graph, model)))
-      linear[module] = linear_note(uses);
+    for (const auto& [module, uses] : peft::jit::sites_by_module(peft::jit::find_linear_sites(*graph, model))) {
+      out.notes[module] = linear_note(uses);
+      if (auto dot = module.rfind('.'); dot != std::string::npos) parents.insert(module.substr(0, dot));
+    }
   } catch (const peft::Error& e) {
-    fmt::print("  (linear layers unknown: {})\n", e.what());
+    out.unknown_because = e.what();
   }
+  out.parents.assign(parents.begin(), parents.end());
+  return out;
+}
+
+/// Prints every module, indented by depth, with what can attach to it.
+void print_tree(const torch::jit::Module& model, const LinearLayers& linear) {
+  if (!linear.unknown_because.empty()) fmt::print("  (linear layers unknown: {})\n", linear.unknown_because);
   fmt::print("modules (name, class, tensors; [methods that attach there]):\n");
   auto depth_of = [](const std::string& name) {
     return name.empty() ? size_t{0} : static_cast<size_t>(std::count(name.begin(), name.end(), '.')) + 1;
@@ -56,24 +74,11 @@ void print_tree(const torch::jit::Module& model) {
   for (const auto& m : model.named_modules()) {
     const std::string name = m.name.empty() ? "(root)" : m.name;
     const size_t depth = depth_of(m.name);
-    const auto it = linear.find(m.name);
-    std::string note = it != linear.end() ? it->second : own_tensors(m.value);
-    if (it == linear.end() && m.value.hasattr("bias") && m.value.attr("bias").isTensor()) note += "  [BitFit]";
+    const auto it = linear.notes.find(m.name);
+    std::string note = it != linear.notes.end() ? it->second : own_tensors(m.value);
+    if (it == linear.notes.end() && m.value.hasattr("bias") && m.value.attr("bias").isTensor()) note += "  [BitFit]";
     fmt::print("  {}{:<{}} {:<14} {}\n", std::string(2 * depth, ' '), name, width - 2 * depth, class_name(m.value), note);
   }
-}
-
-/// The modules that hold linear layers (a block's attention, its MLP): where
-/// bottleneck adapters usually go.
-std::vector<std::string> sublayers(const torch::jit::Module& model) {
-  std::set<std::string> parents;
-  try {
-    auto graph = peft::jit::inlined_copy(*peft::jit::method_graph(model, "forward"));
-    for (const auto& site : peft::jit::find_linear_sites(*graph, model))
-      if (auto dot = site.module.rfind('.'); dot != std::string::npos) parents.insert(site.module.substr(0, dot));
-  } catch (const peft::Error&) {
-  }
-  return {parents.begin(), parents.end()};
 }
 
 /// The trainable count `config` gives, or the error it raises. Warnings of the
@@ -96,10 +101,10 @@ void try_method(const torch::jit::Module& model, const std::string& name, const 
 
 /// Bottleneck adapters go after a submodule whose output width is known; probes
 /// each module holding linear layers and prints where they attach, and why not.
-void try_adapters(const torch::jit::Module& model) {
+void try_adapters(const torch::jit::Module& model, const std::vector<std::string>& candidates) {
   std::vector<std::string> fit;
   std::string refused;
-  for (const auto& module : sublayers(model)) {
+  for (const auto& module : candidates) {
     const auto [ok, text] = probe(model, peft::AdapterConfig().target_modules(std::vector<std::string>{module}));
     if (ok) fit.push_back(module);
     if (!ok && refused.empty()) refused = text;
@@ -130,7 +135,8 @@ int run(int argc, char** argv) {
   int64_t parameters = 0;
   for (const auto& p : model.parameters()) parameters += p.numel();
   fmt::print("{}: {} parameters\n", path, peft::with_thousands(parameters));
-  print_tree(model);
+  const LinearLayers linear = linear_layers(model);
+  print_tree(model, linear);
   fmt::print("methods (LoRA, DoRA, IA3: target_modules \"all-linear\"; BitFit+norm: norm(true); 10 virtual tokens):\n");
   try_method(model, "LoRA", peft::LoraConfig().target_modules("all-linear"));
   try_method(model, "DoRA", peft::LoraConfig().target_modules("all-linear").use_dora(true));
@@ -139,7 +145,7 @@ int run(int argc, char** argv) {
   try_method(model, "BitFit+norm", peft::BitFitConfig().norm(true));
   try_method(model, "prompt", peft::PromptTuningConfig().num_virtual_tokens(10));
   try_method(model, "prefix", peft::PrefixTuningConfig().num_virtual_tokens(10));
-  try_adapters(model);
+  try_adapters(model, linear.parents);
   return 0;
 }
 
