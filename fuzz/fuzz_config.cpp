@@ -14,7 +14,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;  // load_adapter reports this as a FileError
   }
   try {
-    peft::io::config_from_json(j, "fuzz.json");
+    peft::config_from_json(j, "fuzz.json");
   } catch (const peft::Error&) {
   }
   return 0;

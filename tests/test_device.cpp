@@ -93,7 +93,7 @@ TEST_F(Cuda, NF4IsBitIdenticalOnTheDevice) {
 
 TEST_F(Cuda, NativeQLoRALinearMovesWithItsModule) {
   torch::manual_seed(3);
-  peft::LoRALinear q(torch::nn::Linear(64, 32), peft::LoraOptions(4).init(peft::LoraInit::Random)
+  peft::LoRALinear q(torch::nn::Linear(64, 32), peft::LoraOptions(4).init_lora_weights(peft::LoraInit::Random)
                                                     .quantize_base(peft::NF4Config().compute_dtype(torch::kBFloat16)));
   torch::Tensor x = torch::randn({5, 64});
   torch::Tensor expected = q(x).detach();

@@ -94,10 +94,12 @@ std::vector<Case> file_cases() {
   return {{"gpt2", "lora", peft::LoraConfig().r(4).lora_alpha(8).target_modules({"c_attn", "c_fc"}).fan_in_fan_out(true).modules_to_save({"lm_head"})},
           {"llama", "dora", peft::LoraConfig().r(2).use_dora(true).use_rslora(true).target_modules({"q_proj", "v_proj"})},
           {"bert", "ia3", peft::IA3Config().target_modules({"key", "value", "output.dense"}).feedforward_modules({"output.dense"})},
-          {"bert", "adapter", peft::AdapterConfig().target_modules("encoder\\.layer\\.\\d+\\.attention").bottleneck_size(8)},
+          {"bert", "adapter", peft::BottleneckConfig().target_modules("encoder\\.layer\\.\\d+\\.attention").bottleneck_size(8)},
           {"bert", "bitfit", peft::BitFitConfig().norm(true)},
           {"llama", "prompt", peft::PromptTuningConfig().num_virtual_tokens(3)},
-          {"gpt2", "prefix", peft::PrefixTuningConfig().num_virtual_tokens(2).prefix_projection(true).encoder_hidden_size(8)}};
+          {"gpt2", "prefix", peft::PrefixTuningConfig().num_virtual_tokens(2).prefix_projection(true).encoder_hidden_size(8)},
+          {"gpt2", "vera", peft::VeraConfig().r(4).target_modules({"c_attn", "c_fc"}).projection_prng_key(3)},
+          {"llama", "vera", peft::VeraConfig().r(4).target_modules({"q_proj", "v_proj"}).modules_to_save({"lm_head"})}};
 }
 
 TEST(Pretrained, EveryMethodRoundTripsAndPythonSeesHfLayout) {
@@ -295,13 +297,13 @@ TEST(MultipleAdapters, WeightedCombinations) {
     return torch::Tensor();
   };
   const torch::Tensor expected = 0.7 * delta("a") + 0.4 * delta("b");
-  model.add_weighted_adapter({"a", "b"}, {0.7, 0.4}, "cat", peft::Combination::Cat);
+  peft::add_weighted_adapter(model, {"a", "b"}, {0.7, 0.4}, "cat", peft::Combination::Cat);
   EXPECT_TRUE(torch::allclose(delta("cat"), expected, 1e-5, 1e-5)) << "cat is exact";
-  model.add_weighted_adapter({"a", "b"}, {0.7, 0.4}, "svd", peft::Combination::SVD, /*svd_rank=*/5);
+  peft::add_weighted_adapter(model, {"a", "b"}, {0.7, 0.4}, "svd", peft::Combination::SVD, /*svd_rank=*/5);
   EXPECT_TRUE(torch::allclose(delta("svd"), expected, 1e-4, 1e-4)) << "rank 5 covers the rank-5 sum";
-  expect_error<peft::OptionError>([&] { model.add_weighted_adapter({"a", "b"}, {1, 1}, "lin", peft::Combination::Linear); },
+  expect_error<peft::OptionError>([&] { peft::add_weighted_adapter(model, {"a", "b"}, {1, 1}, "lin", peft::Combination::Linear); },
                                   {"equal ranks"});
-  model.add_weighted_adapter({"a"}, {0.5}, "lin", peft::Combination::Linear);
+  peft::add_weighted_adapter(model, {"a"}, {0.5}, "lin", peft::Combination::Linear);
   EXPECT_TRUE(torch::allclose(delta("lin"), 0.5 * delta("a"), 1e-5, 1e-5));
 }
 
@@ -310,7 +312,7 @@ TEST(MultipleAdapters, MixedBatchSlicesEqualEachAdapterAlone) {
   auto ref = peft_test::load_reference("bert");
   peft::PeftModel model = peft::get_peft_model(base, peft::LoraConfig().r(2).target_modules({"query", "value"}), "lora");
   model.add_adapter("ia3", peft::IA3Config().target_modules({"key", "output.dense"}).feedforward_modules({"output.dense"}));
-  model.add_adapter("bottleneck", peft::AdapterConfig().target_modules("encoder\\.layer\\.\\d+\\.attention").bottleneck_size(4));
+  model.add_adapter("bottleneck", peft::BottleneckConfig().target_modules("encoder\\.layer\\.\\d+\\.attention").bottleneck_size(4));
   model.set_adapter({"lora", "ia3", "bottleneck"});
   randomise(model, 0.3);
   model.eval();

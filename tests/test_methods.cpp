@@ -47,14 +47,14 @@ class Golden {
 TEST(GoldenLora, Plain) {
   Golden g("lora");
   auto y = F::lora(g.input("x"), g.input("W"), g.input("b"), g.input("A"), g.input("B"),
-                   F::LoraFuncOptions().scaling(peft::LoraOptions(2).alpha(4).scaling()));
+                   F::LoraFuncOptions().scaling(peft::LoraOptions(2).lora_alpha(4).scaling()));
   g.expect_matches(y, {"x", "A", "B"});
 }
 
 TEST(GoldenLora, RsLoraScaling) {
   Golden g("lora_rslora");
   auto y = F::lora(g.input("x"), g.input("W"), g.input("b"), g.input("A"), g.input("B"),
-                   F::LoraFuncOptions().scaling(peft::LoraOptions(2).alpha(4).use_rslora(true).scaling()));
+                   F::LoraFuncOptions().scaling(peft::LoraOptions(2).lora_alpha(4).use_rslora(true).scaling()));
   g.expect_matches(y, {"x", "A", "B"});
 }
 
@@ -86,7 +86,7 @@ TEST(GoldenLora, Dora) {
 TEST(GoldenLora, Embedding) {
   Golden g("lora_embedding");
   torch::nn::Embedding table(10, 4);
-  peft::LoRAEmbedding layer(table, peft::LoraOptions(2).alpha(4));
+  peft::LoRAEmbedding layer(table, peft::LoraOptions(2).lora_alpha(4));
   {
     torch::NoGradGuard no_grad;
     table->weight.copy_(g.get("T"));
@@ -107,7 +107,7 @@ TEST(GoldenLora, PissaInitMatchesSvdFormula) {
     torch::NoGradGuard no_grad;
     base->weight.copy_(g.get("W"));
   }
-  peft::LoRALinear layer(base, peft::LoraOptions(2).alpha(4).init(peft::LoraInit::PiSSA));
+  peft::LoRALinear layer(base, peft::LoraOptions(2).lora_alpha(4).init_lora_weights(peft::LoraInit::PiSSA));
   // Sign-free comparisons: singular vectors are defined up to sign.
   Golden::expect_close(torch::matmul(layer->lora_B, layer->lora_A).detach(), g.get("BA"), "pissa B·A");
   Golden::expect_close(base->weight, g.get("residual"), "pissa residual weight");
@@ -130,8 +130,8 @@ TEST(GoldenIA3, FeedforwardInputScaling) {
 
 TEST(GoldenAdapter, HoulsbyBottleneck) {
   Golden g("adapter");
-  auto y = F::adapter(g.input("h"), g.input("Wd"), g.input("bd"), g.input("Wu"), g.input("bu"),
-                      peft::AdapterActivation::GELU);
+  auto y = F::bottleneck(g.input("h"), g.input("Wd"), g.input("bd"), g.input("Wu"), g.input("bu"),
+                      peft::BottleneckActivation::GELU);
   g.expect_matches(y, {"h", "Wd", "bd", "Wu", "bu"});
 }
 

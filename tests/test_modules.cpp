@@ -25,11 +25,11 @@ TEST(NeutralInit, LoraDoraIa3AdapterEqualBaseExactly) {
   auto expected = base(x);
   EXPECT_TRUE(torch::equal(peft::LoRALinear(base, peft::LoraOptions(4))(x), expected));
   EXPECT_TRUE(torch::equal(peft::LoRALinear(base, peft::LoraOptions(4).use_dora(true))(x), expected));
-  EXPECT_TRUE(torch::equal(peft::LoRALinear(base, peft::LoraOptions(4).init(peft::LoraInit::Gaussian))(x), expected));
+  EXPECT_TRUE(torch::equal(peft::LoRALinear(base, peft::LoraOptions(4).init_lora_weights(peft::LoraInit::Gaussian))(x), expected));
   EXPECT_TRUE(torch::equal(peft::IA3(base)(x), expected));
   EXPECT_TRUE(torch::equal(peft::IA3(base, peft::IA3Options().feedforward(true))(x), expected));
   auto h = torch::randn({3, 5, 16});
-  EXPECT_TRUE(torch::equal(peft::Adapter(peft::AdapterOptions(16).bottleneck(4))(h), h));
+  EXPECT_TRUE(torch::equal(peft::Bottleneck(peft::BottleneckOptions(16).bottleneck(4))(h), h));
 }
 
 TEST(NeutralInit, LoraEmbeddingEqualsBase) {
@@ -83,7 +83,7 @@ TEST(ThreeSgdSteps, Ia3AdapterPromptPrefixEmbedding) {
   expect_only_adapter_trains(ia3, [&] { return ia3(x); }, {"ia3_l"});
 
   // Adapter after a frozen layer: the adapter's own parameters all train.
-  peft::Adapter adapter(peft::AdapterOptions(8).bottleneck(2));
+  peft::Bottleneck adapter(peft::BottleneckOptions(8).bottleneck(2));
   expect_only_adapter_trains(
       adapter, [&] { return adapter(x) - x * 2; },
       {"adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"});
@@ -130,7 +130,7 @@ M perturbed(M layer) {
 TEST(Merge, LoraDoraSlicesIa3) {
   torch::manual_seed(4);
   auto x = torch::randn({3, 8});
-  auto lora = perturbed(peft::LoRALinear(frozen_linear(8, 6), peft::LoraOptions(2).alpha(4)));
+  auto lora = perturbed(peft::LoRALinear(frozen_linear(8, 6), peft::LoraOptions(2).lora_alpha(4)));
   expect_merge_roundtrip(lora, x);
   auto dora = perturbed(peft::LoRALinear(frozen_linear(8, 6), peft::LoraOptions(2).use_dora(true)));
   expect_merge_roundtrip(dora, x);
@@ -145,7 +145,7 @@ TEST(Merge, LoraDoraSlicesIa3) {
 }
 
 TEST(Merge, MergedWeightIsWPlusScaledBA) {
-  auto layer = perturbed(peft::LoRALinear(frozen_linear(8, 6), peft::LoraOptions(2).alpha(6)));
+  auto layer = perturbed(peft::LoRALinear(frozen_linear(8, 6), peft::LoraOptions(2).lora_alpha(6)));
   auto expected = layer->base->weight + 3.0 * torch::matmul(layer->lora_B, layer->lora_A);
   layer->merge();
   EXPECT_TRUE(torch::allclose(layer->base->weight, expected.detach(), 1e-6, 1e-6));
@@ -164,24 +164,24 @@ TEST(LoraInitStats, DefaultHasZeroBAndKaimingA) {
 
 TEST(LoraInitStats, GaussianStdIsOneOverR) {
   torch::manual_seed(6);
-  peft::LoRALinear layer(frozen_linear(1024, 1024), peft::LoraOptions(8).init(peft::LoraInit::Gaussian));
+  peft::LoRALinear layer(frozen_linear(1024, 1024), peft::LoraOptions(8).init_lora_weights(peft::LoraInit::Gaussian));
   EXPECT_TRUE(layer->lora_B.eq(0).all().item<bool>());
   EXPECT_NEAR(layer->lora_A.std().item<double>(), 1.0 / 8, 0.005);  // 8192 samples: ~1% error
   EXPECT_NEAR(layer->lora_A.mean().item<double>(), 0.0, 0.005);
 }
 
 TEST(LoraInitStats, ZeroAndRandom) {
-  peft::LoRALinear zero(frozen_linear(16, 16), peft::LoraOptions(4).init(peft::LoraInit::Zero));
+  peft::LoRALinear zero(frozen_linear(16, 16), peft::LoraOptions(4).init_lora_weights(peft::LoraInit::Zero));
   EXPECT_TRUE(zero->lora_A.eq(0).all().item<bool>() && zero->lora_B.eq(0).all().item<bool>());
-  peft::LoRALinear random(frozen_linear(16, 16), peft::LoraOptions(4).init(peft::LoraInit::Random));
+  peft::LoRALinear random(frozen_linear(16, 16), peft::LoraOptions(4).init_lora_weights(peft::LoraInit::Random));
   EXPECT_FALSE(random->lora_B.eq(0).all().item<bool>());
 }
 
 TEST(LoraScaling, AlphaOverROrSqrtR) {
-  EXPECT_DOUBLE_EQ(peft::LoraOptions(8).alpha(16).scaling(), 2.0);
-  EXPECT_DOUBLE_EQ(peft::LoraOptions(16).alpha(16).use_rslora(true).scaling(), 4.0);
+  EXPECT_DOUBLE_EQ(peft::LoraOptions(8).lora_alpha(16).scaling(), 2.0);
+  EXPECT_DOUBLE_EQ(peft::LoraOptions(16).lora_alpha(16).use_rslora(true).scaling(), 4.0);
   // The module applies it: output difference is scaling · x Aᵀ Bᵀ.
-  auto layer = perturbed(peft::LoRALinear(frozen_linear(8, 6), peft::LoraOptions(4).alpha(8).use_rslora(true)));
+  auto layer = perturbed(peft::LoRALinear(frozen_linear(8, 6), peft::LoraOptions(4).lora_alpha(8).use_rslora(true)));
   auto x = torch::randn({2, 8});
   auto branch = torch::matmul(torch::matmul(x, layer->lora_A.t()), layer->lora_B.t()) * 4.0;
   EXPECT_TRUE(torch::allclose(layer(x) - layer->base(x), branch, 1e-5, 1e-5));
@@ -189,7 +189,7 @@ TEST(LoraScaling, AlphaOverROrSqrtR) {
 
 TEST(LoraDropout, OnlyOnBranchAndOnlyInTraining) {
   torch::manual_seed(7);
-  auto layer = perturbed(peft::LoRALinear(frozen_linear(64, 64), peft::LoraOptions(4).dropout(0.5)));
+  auto layer = perturbed(peft::LoRALinear(frozen_linear(64, 64), peft::LoraOptions(4).lora_dropout(0.5)));
   auto x = torch::randn({8, 64});
   layer->eval();
   auto eval1 = layer(x), eval2 = layer(x);
@@ -198,7 +198,7 @@ TEST(LoraDropout, OnlyOnBranchAndOnlyInTraining) {
   auto train = layer(x);
   EXPECT_FALSE(torch::allclose(train, eval1));
   // With B = 0 the branch is zero: dropout never touches the base path.
-  peft::LoRALinear neutral(frozen_linear(64, 64), peft::LoraOptions(4).dropout(0.5));
+  peft::LoRALinear neutral(frozen_linear(64, 64), peft::LoraOptions(4).lora_dropout(0.5));
   EXPECT_TRUE(torch::equal(neutral(x), neutral->base(x)));
 }
 
@@ -282,10 +282,10 @@ TEST(TrainableParameters, ASharedLayerCountsOnce) {
 struct TwoLayers : torch::nn::Module {
   explicit TwoLayers(int64_t r)
       : a(register_module("a", peft::LoRALinear(frozen_linear(6, 5), peft::LoraOptions(r)))),
-        b(register_module("b", peft::Adapter(peft::AdapterOptions(5).bottleneck(2).init(peft::AdapterInit::Houlsby)))) {}
+        b(register_module("b", peft::Bottleneck(peft::BottleneckOptions(5).bottleneck(2).init(peft::BottleneckInit::Houlsby)))) {}
   torch::Tensor forward(const torch::Tensor& x) { return b(a(x)); }
   peft::LoRALinear a;
-  peft::Adapter b;
+  peft::Bottleneck b;
 };
 
 TEST(SaveTrainable, RoundTripsOnlyTheAdapterAndRefusesAMismatch) {
@@ -347,12 +347,12 @@ TEST(BadOptions, TypedErrorsNameTheOptionAndRange) {
   auto base = frozen_linear(8, 6);
   expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(0)); }, {"LoraOptions.r", ">= 1", "0"});
   expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(-3)); }, {"LoraOptions.r"});
-  expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(7).init(peft::LoraInit::PiSSA)); },
+  expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(7).init_lora_weights(peft::LoraInit::PiSSA)); },
                                   {"PiSSA needs LoraOptions.r <= min(in=8, out=6)", "7"});
-  expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(2).dropout(1.0)); },
-                                  {"LoraOptions.dropout", "[0, 1)"});
-  expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(2).dropout(-0.1)); },
-                                  {"LoraOptions.dropout"});
+  expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(2).lora_dropout(1.0)); },
+                                  {"LoraOptions.lora_dropout", "[0, 1)"});
+  expect_error<peft::OptionError>([&] { peft::LoRALinear(base, peft::LoraOptions(2).lora_dropout(-0.1)); },
+                                  {"LoraOptions.lora_dropout"});
   expect_error<peft::OptionError>(
       [&] { peft::LoRALinear(frozen_linear(8, 10), peft::LoraOptions(2).enable_slices({true, false, true})); },
       {"enable_slices", "3 slices", "10 outputs"});
@@ -366,7 +366,7 @@ TEST(BadOptions, TypedErrorsNameTheOptionAndRange) {
   expect_error<peft::OptionError>(
       [&] { peft::PrefixAttention(torch::nn::MultiheadAttention(8, 2), peft::PrefixOptions(0)); },
       {"PrefixOptions.num_virtual_tokens", ">= 1"});
-  expect_error<peft::OptionError>([&] { peft::Adapter(peft::AdapterOptions(8).reduction_factor(0)); },
+  expect_error<peft::OptionError>([&] { peft::Bottleneck(peft::BottleneckOptions(8).reduction_factor(0)); },
                                   {"reduction_factor"});
   // OptionError is a peft::Error is a std::runtime_error.
   EXPECT_THROW(peft::LoRALinear(base, peft::LoraOptions(0)), std::runtime_error);
@@ -377,8 +377,8 @@ TEST(BadInput, WrongLastDimensionNamesTheModule) {
   expect_error<peft::ShapeError>([&] { lora(torch::randn({2, 7})); }, {"LoRALinear", "last dimension 8", "[2, 7]"});
   peft::IA3 ia3(frozen_linear(8, 6));
   expect_error<peft::ShapeError>([&] { ia3(torch::randn({2, 5})); }, {"IA3", "last dimension 8"});
-  peft::Adapter adapter(peft::AdapterOptions(8));
-  expect_error<peft::ShapeError>([&] { adapter(torch::randn({3})); }, {"Adapter", "last dimension 8"});
+  peft::Bottleneck adapter(peft::BottleneckOptions(8));
+  expect_error<peft::ShapeError>([&] { adapter(torch::randn({3})); }, {"Bottleneck", "last dimension 8"});
   peft::PrefixAttention prefix(torch::nn::MultiheadAttention(8, 2), peft::PrefixOptions(2));
   auto x = torch::randn({3, 1, 4});
   expect_error<peft::ShapeError>([&] { prefix(x, x, x); }, {"PrefixAttention", "last dimension 8"});

@@ -74,9 +74,10 @@ TEST_P(PeftModelTest, NeutralInitIsBitIdenticalForEveryMethod) {
       {"lora", lora_config(arch)},
       {"dora", lora_config(arch).use_dora(true)},
       {"ia3", peft::IA3Config().target_modules(lora_config(arch).target_modules())},
-      {"adapter", peft::AdapterConfig().target_modules(arch == "bert" ? "encoder\\.layer\\.\\d+\\.attention"
+      {"adapter", peft::BottleneckConfig().target_modules(arch == "bert" ? "encoder\\.layer\\.\\d+\\.attention"
                                                                       : ".*\\.(attn|self_attn|mlp)")},
-      {"bitfit", peft::BitFitConfig().norm(true)}};
+      {"bitfit", peft::BitFitConfig().norm(true)},
+      {"vera", peft::VeraConfig().r(8).target_modules(lora_config(arch).target_modules())}};
   for (const auto& [name, cfg] : configs) {
     peft::PeftModel model = peft::get_peft_model(base, cfg);
     model.eval();
@@ -207,12 +208,12 @@ TEST(InjectedMath, EqualsFunctionalFormsForLinearAndConv1D) {
 TEST(InjectedMath, AdapterAfterSubmoduleMatchesFunctional) {
   torch::manual_seed(22);
   auto W = torch::randn({6, 6}), b = torch::randn({6});
-  auto model = peft::get_peft_model(tiny_model(W, b, false), peft::AdapterConfig().target_modules({"fc"}).bottleneck_size(3));
+  auto model = peft::get_peft_model(tiny_model(W, b, false), peft::BottleneckConfig().target_modules({"fc"}).bottleneck_size(3));
   auto p = randomise(model);
   auto x = torch::randn({4, 6});
   auto h = peft::functional::base_linear(x, W, b, false);
-  auto expected = peft::functional::adapter(h, p["adapter_down_weight"], p["adapter_down_bias"], p["adapter_up_weight"],
-                                            p["adapter_up_bias"], peft::AdapterActivation::ReLU);
+  auto expected = peft::functional::bottleneck(h, p["adapter_down_weight"], p["adapter_down_bias"], p["adapter_up_weight"],
+                                            p["adapter_up_bias"], peft::BottleneckActivation::ReLU);
   EXPECT_TRUE(torch::allclose(run(model, {x}), expected, 1e-5, 1e-5));
   EXPECT_EQ(p["adapter_down_weight"].sizes(), (std::vector<int64_t>{3, 6}));  // width inferred from fc
 }
@@ -346,8 +347,8 @@ TEST(Errors, TypedAndNamingTheCulprit) {
   auto frozen = torch::jit::freeze(bert);
   expect_error<peft::ModelError>([&] { peft::get_peft_model(frozen, peft::LoraConfig().target_modules({"query"})); },
                                  {"frozen"});
-  expect_error<peft::ModelError>([&] { peft::get_peft_model(bert, peft::AdapterConfig().target_modules({"query"})).merge_adapter(); },
-                                 {"Adapter", "cannot be merged"});
+  expect_error<peft::ModelError>([&] { peft::get_peft_model(bert, peft::BottleneckConfig().target_modules({"query"})).merge_adapter(); },
+                                 {"Bottleneck", "cannot be merged"});
 }
 
 }  // namespace

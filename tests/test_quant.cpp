@@ -227,8 +227,8 @@ TEST(QLoRALinear, ForwardEqualsLoRAOverTheDequantisedWeight) {
     reference_base->weight.copy_(peft::nf4::dequantize(peft::nf4::quantize(base->weight, nf4)));
     reference_base->bias.copy_(base->bias);
   }
-  peft::LoRALinear q(base, peft::LoraOptions(4).alpha(8).init(peft::LoraInit::Random).quantize_base(nf4));
-  peft::LoRALinear reference(reference_base, peft::LoraOptions(4).alpha(8).init(peft::LoraInit::Zero));
+  peft::LoRALinear q(base, peft::LoraOptions(4).lora_alpha(8).init_lora_weights(peft::LoraInit::Random).quantize_base(nf4));
+  peft::LoRALinear reference(reference_base, peft::LoraOptions(4).lora_alpha(8).init_lora_weights(peft::LoraInit::Zero));
   {
     torch::NoGradGuard no_grad;
     reference->lora_A.copy_(q->lora_A);
@@ -256,7 +256,7 @@ TEST(QLoRALinear, ForwardEqualsLoRAOverTheDequantisedWeight) {
 
 TEST(QLoRALinear, RequantisingMergeWarnsAndUnmergeRestoresTheBytes) {
   torch::manual_seed(6);
-  peft::LoRALinear q(torch::nn::Linear(64, 64), peft::LoraOptions(4).init(peft::LoraInit::Random)
+  peft::LoRALinear q(torch::nn::Linear(64, 64), peft::LoraOptions(4).init_lora_weights(peft::LoraInit::Random)
                                                     .quantize_base(peft::NF4Config().requantize_on_merge(true)));
   torch::NoGradGuard no_grad;
   const torch::Tensor packed = q->quantized()->packed.clone();

@@ -235,11 +235,11 @@ TEST(Loading, ARankAboveMinInOutIsAllowedAsInHfPeft) {
   });
   EXPECT_THAT(err, HasSubstr("LoraConfig target 'layers.0.mlp.gate': LoraOptions.r = 4 exceeds min(in=16, out=2)"));
   torch::nn::Linear gate(torch::nn::LinearOptions(16, 2).bias(false));
-  peft::LoRALinear layer(gate, peft::LoraOptions(4).alpha(8).init(peft::LoraInit::Random));
+  peft::LoRALinear layer(gate, peft::LoraOptions(4).lora_alpha(8).init_lora_weights(peft::LoraInit::Random));
   torch::Tensor x = torch::randn({3, 16});
   torch::Tensor expected = torch::matmul(x, (gate->weight + 2.0 * torch::matmul(layer->lora_B, layer->lora_A)).t());
   EXPECT_LT(max_diff(layer(x), expected), 1e-5);
-  expect_error<peft::OptionError>([&] { peft::LoRALinear(gate, peft::LoraOptions(4).init(peft::LoraInit::PiSSA)); },
+  expect_error<peft::OptionError>([&] { peft::LoRALinear(gate, peft::LoraOptions(4).init_lora_weights(peft::LoraInit::PiSSA)); },
                                   {"PiSSA needs LoraOptions.r <= min(in=16, out=2)"});
 }
 
@@ -257,9 +257,9 @@ TEST(Loading, EveryErrorWhileLoadingIsAFileErrorNamingTheFile) {
     expect_error<peft::FileError>([&] { peft::PeftModel::from_pretrained(load_case("moe"), dir); }, fragments);
   };
   with("lora_alpha", 0);  // an OptionError of the config rules, raised while loading
-  fails({"adapter_config.json", "LoraOptions.alpha must be finite and non-zero"});
+  fails({"adapter_config.json", "LoraOptions.lora_alpha must be finite and non-zero"});
   with("lora_dropout", 1.5);
-  fails({"adapter_config.json", "LoraOptions.dropout must be in [0, 1)"});
+  fails({"adapter_config.json", "LoraOptions.lora_dropout must be in [0, 1)"});
   with("lora_bias", true);  // HF fields that change the computation are refused, not ignored
   fails({"adapter_config.json", "'lora_bias' = true changes the computation"});
   with("target_parameters", nlohmann::json::array({"experts.w1"}));
@@ -404,7 +404,7 @@ TEST(CombinedAdapters, AnAdapterThatFailsToAddLeavesTheOthersAsTheyWere) {
   torch::NoGradGuard no_grad;
   const torch::Tensor before = run(model, inputs);
   expect_error<peft::TargetError>(  // a bottleneck adapter rebuilds the adapted model first
-      [&] { model.add_adapter("b", peft::AdapterConfig().bottleneck_size(2).target_modules({"fc9"})); }, {"'fc9'"});
+      [&] { model.add_adapter("b", peft::BottleneckConfig().bottleneck_size(2).target_modules({"fc9"})); }, {"'fc9'"});
   expect_error<peft::TargetError>([&] { model.add_adapter("c", peft::LoraConfig().target_modules({"fc9"})); }, {"'fc9'"});
   EXPECT_EQ(model.adapter_names(), std::vector<std::string>{"default"});
   EXPECT_LT(max_diff(run(model, inputs), before), 1e-7);
@@ -444,7 +444,7 @@ TEST(TargetRules, QLoRAKeepsModulesToSaveDenseAndRefusesCopiesOfNF4Weights) {
   expect_error<peft::ModelError>(
       [&] { model.add_adapter("b", peft::LoraConfig().r(2).target_modules({"fc2"}).modules_to_save({"fc1"})); },
       {"'fc1.weight' is NF4-quantised (QLoRA)"});
-  expect_error<peft::ModelError>([&] { model.add_adapter("c", peft::AdapterConfig().bottleneck_size(2).target_modules({"fc2"})); },
+  expect_error<peft::ModelError>([&] { model.add_adapter("c", peft::BottleneckConfig().bottleneck_size(2).target_modules({"fc2"})); },
                                  {"forward calls no submodules (QLoRA's quantize_base inlines it)"});
   EXPECT_EQ(model.adapter_names(), std::vector<std::string>{"default"});
 }
@@ -584,22 +584,31 @@ TEST(NewUser, QuickStartAsWrittenTrainsTheHeadAndTheAdapter) {
   EXPECT_TRUE(saved_head);
 }
 
+/// The plain model the native recipe's checkpoint comes from: torch::nn::Linear members.
+struct PlainNetImpl : torch::nn::Module {
+  PlainNetImpl() : fc1(register_module("fc1", torch::nn::Linear(16, 32))), fc2(register_module("fc2", torch::nn::Linear(32, 2))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::relu(fc1(x))); }
+  torch::nn::Linear fc1, fc2;
+};
+TORCH_MODULE(PlainNet);
+
 TEST(NewUser, NativeRecipeLoadsAPlainCheckpointThenAddsLoRA) {
   using peft_snippets::native_recipe::Net;
   const fs::path dir = peft_test::fresh_dir("native_recipe");
   torch::manual_seed(0);
-  Net plain;
+  PlainNet plain;
   torch::save(plain, (dir / "base.pt").string());
   const torch::Tensor x = torch::randn({64, 16}), y = x.select(1, 0).gt(0).to(torch::kLong);
   in_directory(dir, [&] { peft_snippets::native_recipe::fine_tune(x, y); });
 
   Net adapted;
   torch::load(adapted, (dir / "base.pt").string());
-  adapted->add_lora(peft::LoraOptions(4).alpha(8));
-  peft::load_trainable(*adapted, dir / "adapter.safetensors");
+  peft::nn::PeftModel model = peft::nn::PeftModel::from_pretrained(adapted.ptr(), dir / "adapter");
+  model.eval();
   const auto loaded = adapted->named_parameters(), original = plain->named_parameters();
-  EXPECT_TRUE(torch::equal(loaded["fc1.base.weight"], original["fc1.weight"]));
+  EXPECT_TRUE(torch::equal(loaded["fc1.weight"], original["fc1.weight"]));
   EXPECT_TRUE(torch::equal(loaded["fc2.bias"], original["fc2.bias"]));
+  EXPECT_TRUE(loaded.contains("fc1.default.lora_A"));
   torch::NoGradGuard no_grad;
   const double base_loss = torch::nn::functional::cross_entropy(plain->forward(x), y).item<double>();
   const double adapted_loss = torch::nn::functional::cross_entropy(adapted->forward(x), y).item<double>();

@@ -36,6 +36,10 @@ HF_FIELDS = {
              "bias": str, "modules_to_save": (type(None), list)},
     "IA3": {"target_modules": (list, str), "feedforward_modules": (type(None), list, str), "fan_in_fan_out": bool,
             "init_ia3_weights": bool, "modules_to_save": (type(None), list)},
+    "VERA": {"r": int, "target_modules": (list, str), "projection_prng_key": int, "save_projection": bool,
+             "vera_dropout": (int, float), "d_initial": (int, float), "fan_in_fan_out": bool, "bias": str,
+             "modules_to_save": (type(None), list), "init_weights": bool,
+             "layers_to_transform": (type(None), list, int), "layers_pattern": (type(None), list, str)},
     "PROMPT_TUNING": {"num_virtual_tokens": int, "token_dim": int, "num_transformer_submodules": int,
                       "prompt_tuning_init": str},
     "PREFIX_TUNING": {"num_virtual_tokens": int, "token_dim": int, "num_transformer_submodules": int,
@@ -100,6 +104,19 @@ def module_at(model, path):
     return model
 
 
+ADAPTER_KEYS = (".lora_", ".ia3_l", ".vera_lambda_", "base_model.vera_")
+
+
+def with_trained_tensors(model, tensors):
+    """The file's other tensors (modules_to_save, trained biases) put into the model; its forward."""
+    for key, value in tensors.items():
+        if any(part in key for part in ADAPTER_KEYS):
+            continue
+        path, name = key[len("base_model.model."):].rsplit(".", 1)
+        getattr(module_at(model, path), name).data.copy_(value)
+    return lambda *args: model(*args)
+
+
 def apply_adapter(model, config, tensors):
     """Loads an HF-layout adapter into an eager model the way HF peft applies it."""
     kind = config["peft_type"]
@@ -119,12 +136,16 @@ def apply_adapter(model, config, tensors):
                     mod.register_forward_pre_hook(lambda m, inp, l=l: (inp[0] * l.flatten(),))
                 else:
                     mod.register_forward_hook(lambda m, inp, out, l=l: out * l.flatten())
-        for key, value in tensors.items():  # modules_to_save and trained biases
-            if ".lora_" in key or key.endswith(".ia3_l"):
-                continue
-            path, name = key[len(prefix):].rsplit(".", 1)
-            getattr(module_at(model, path), name).data.copy_(value)
-        return lambda *args: model(*args)
+        return with_trained_tensors(model, tensors)
+    if kind == "VERA":  # HF's vera.Linear: out + λ_b ⊙ linear(λ_d ⊙ linear(x, A[:, :in]), B[:out])
+        A, B = tensors["base_model.vera_A"], tensors["base_model.vera_B"]
+        for key in [k for k in tensors if k.endswith(".vera_lambda_b")]:
+            path = key[len(prefix):].rsplit(".", 1)[0]
+            lb, ld = tensors[key], tensors[f"{prefix}{path}.vera_lambda_d"]
+            module_at(model, path).register_forward_hook(
+                lambda m, inp, out, lb=lb, ld=ld: out + lb * torch.nn.functional.linear(
+                    ld * torch.nn.functional.linear(inp[0], A[:, :inp[0].shape[-1]]), B[:lb.shape[0]]))
+        return with_trained_tensors(model, tensors)
     if kind == "PROMPT_TUNING":
         prompt = tensors["prompt_embeddings"]
         return lambda *args: fx.prompt_reference(ARCH, model, dict(zip(INPUT_NAMES, args)), prompt)
@@ -157,6 +178,10 @@ def check_keys(config, tensors):
             ok = key.startswith("base_model.model.") and t.dim() == 2 and (t.shape[0] if ".lora_A" in key else t.shape[1]) == r
         elif key.endswith(".ia3_l"):
             ok = t.dim() == 2 and 1 in t.shape
+        elif key.endswith((".vera_lambda_b", ".vera_lambda_d")):
+            ok = key.startswith("base_model.model.") and t.dim() == 1 and (key.endswith("_b") or t.shape[0] == config["r"])
+        elif key in ("base_model.vera_A", "base_model.vera_B"):
+            ok = t.dim() == 2 and t.shape[0 if key.endswith("A") else 1] == config["r"]
         else:
             ok = key.startswith("base_model.model.")
         if not ok:

@@ -4,7 +4,7 @@
 // reports test accuracy / precision / recall / F1 and writes the adapter.
 //
 //   peft-finetune                              # LoRA with defaults
-//   peft-finetune --method prefix --epochs 3   # lora qlora dora ia3 adapter prefix prompt bitfit full linear-probe
+//   peft-finetune --method prefix --epochs 3   # lora qlora dora ia3 vera adapter prefix prompt bitfit full linear-probe
 //   peft-launch --nproc-per-node 2 -- peft-finetune --threads 1   # data-parallel: each rank takes half of every batch
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -38,18 +38,20 @@ std::optional<peft::PeftConfig> method_config(const std::string& method, int64_t
     return lora;
   }
   if (method == "ia3") return peft::IA3Config().target_modules({"key", "value", "fc2"}).feedforward_modules({"fc2"});
-  if (method == "adapter") return peft::AdapterConfig().target_modules("layers\\.\\d+\\.(attention|ffn)").bottleneck_size(64);
+  if (method == "adapter") return peft::BottleneckConfig().target_modules("layers\\.\\d+\\.(attention|ffn)").bottleneck_size(64);
   if (method == "prefix") return peft::PrefixTuningConfig().num_virtual_tokens(16);
   // USE-Lite pools over its mask input, so the prompt positions stay in the sequence.
   if (method == "prompt") return peft::PromptTuningConfig().num_virtual_tokens(16).keep_prompt_positions(true);
   if (method == "bitfit") return peft::BitFitConfig().norm(true);
+  // VeRA: HF's default rank; its projections are frozen, so only r + out values train per layer.
+  if (method == "vera") return peft::VeraConfig().r(256).target_modules({"query", "value"});
   return std::nullopt;
 }
 
 double default_lr(const std::string& method) {
   if (method == "full") return 5e-5;
   if (method == "lora" || method == "qlora" || method == "dora" || method == "adapter") return 1e-3;
-  return 1e-2;  // ia3, prefix, prompt, bitfit, linear-probe
+  return 1e-2;  // ia3, vera, prefix, prompt, bitfit, linear-probe
 }
 
 /// Draws loss.csv into loss.png when gnuplot is installed; returns whether it did, and says why not.
@@ -85,7 +87,7 @@ int run(int argc, char** argv) {
   double lr = 0;
   int threads = 0;
   app.add_option("--method", method, "PEFT method")
-      ->check(CLI::IsMember({"lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit", "full", "linear-probe"}));
+      ->check(CLI::IsMember({"lora", "qlora", "dora", "ia3", "vera", "adapter", "prefix", "prompt", "bitfit", "full", "linear-probe"}));
   app.add_option("--r", r, "LoRA rank")->check(CLI::PositiveNumber);
   app.add_option("--epochs", epochs, "training epochs")->check(CLI::PositiveNumber);
   app.add_option("--lr", lr, "AdamW learning rate (default: per method)");

@@ -105,7 +105,7 @@ void try_adapters(const torch::jit::Module& model, const std::vector<std::string
   std::vector<std::string> fit;
   std::string refused;
   for (const auto& module : candidates) {
-    const auto [ok, text] = probe(model, peft::AdapterConfig().target_modules(std::vector<std::string>{module}));
+    const auto [ok, text] = probe(model, peft::BottleneckConfig().target_modules(std::vector<std::string>{module}));
     if (ok) fit.push_back(module);
     if (!ok && refused.empty()) refused = text;
   }
@@ -113,7 +113,7 @@ void try_adapters(const torch::jit::Module& model, const std::vector<std::string
     fmt::print("  {:<12} no   {}\n", "adapter", refused.empty() ? "no submodule holds a linear layer" : refused);
     return;
   }
-  try_method(model, "adapter", peft::AdapterConfig().target_modules(fit));
+  try_method(model, "adapter", peft::BottleneckConfig().target_modules(fit));
   fmt::print("  {:<12}      after {} of the modules holding linear layers, e.g. '{}'{}\n", "", fit.size(), fit.front(),
              refused.empty() ? "" : "; not after others: " + refused);
 }

@@ -232,7 +232,7 @@ int run(int argc, char** argv) {
     model ? model->eval() : lm.eval();
     if (model) {
       evaluate(method.name, forward, *model, trainable, elapsed);
-      if (std::holds_alternative<peft::LoraConfig>(*method.config)) model->save_pretrained(out + "/lora");
+      if (method.config->is<peft::LoraConfig>()) model->save_pretrained(out + "/lora");
     } else {
       evaluate(method.name, forward, lm, trainable, elapsed);
     }

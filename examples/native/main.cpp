@@ -31,10 +31,10 @@ struct BlockImpl : torch::nn::Module {
     if (method == "lora")  // every projection: W x + (alpha/r) B A x, the base W frozen
       for (auto& [name, layer] : proj)
         layer = torch::nn::AnyModule(
-            replace_module(name, peft::LoRALinear(layer.get<torch::nn::Linear>(), peft::LoraOptions(8).alpha(16))));
+            replace_module(name, peft::LoRALinear(layer.get<torch::nn::Linear>(), peft::LoraOptions(8).lora_alpha(16))));
     if (method == "adapter") {  // Houlsby: a bottleneck after each sublayer
-      adapter_attn = register_module("adapter_attn", peft::Adapter(peft::AdapterOptions(kDim).bottleneck(16)));
-      adapter_mlp = register_module("adapter_mlp", peft::Adapter(peft::AdapterOptions(kDim).bottleneck(16)));
+      adapter_attn = register_module("adapter_attn", peft::Bottleneck(peft::BottleneckOptions(kDim).bottleneck(16)));
+      adapter_mlp = register_module("adapter_mlp", peft::Bottleneck(peft::BottleneckOptions(kDim).bottleneck(16)));
     }
   }
 
@@ -53,7 +53,7 @@ struct BlockImpl : torch::nn::Module {
   std::map<std::string, torch::nn::AnyModule> proj;
   torch::nn::LayerNorm norm1 = register_module("norm1", torch::nn::LayerNorm(std::vector<int64_t>{kDim}));
   torch::nn::LayerNorm norm2 = register_module("norm2", torch::nn::LayerNorm(std::vector<int64_t>{kDim}));
-  peft::Adapter adapter_attn{nullptr}, adapter_mlp{nullptr};
+  peft::Bottleneck adapter_attn{nullptr}, adapter_mlp{nullptr};
 };
 TORCH_MODULE(Block);
 

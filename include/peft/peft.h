@@ -9,23 +9,25 @@
 #include <peft/core/trainable.h>
 #include <peft/version.h>
 
-#include <peft/adapter/adapter.h>
-#include <peft/bitfit/bitfit.h>
-#include <peft/ia3/ia3.h>
-#include <peft/lora/functional.h>
-#include <peft/lora/module.h>
-#include <peft/lora/options.h>
-#include <peft/prefix/prefix.h>
-#include <peft/prompt/prompt.h>
-#include <peft/quant/nf4.h>
-
 #include <peft/core/match.h>
-#include <peft/lora/config.h>
-#include <peft/peft_model.h>
-#include <peft/quant/inject.h>
-#include <peft/generation/generate.h>
-
-#include <peft/io/checkpoint.h>
+#include <peft/io/adapter_files.h>
 #include <peft/io/module_state.h>
-#include <peft/io/pretrained.h>
 #include <peft/io/safetensors.h>
+#include <peft/quant/nf4.h>
+#include <peft/nn/linear.h>
+#include <peft/tuner.h>
+
+// The methods: one line each registers a method (its folder's method.h).
+#include <peft/bitfit/method.h>
+#include <peft/bottleneck/method.h>
+#include <peft/ia3/method.h>
+#include <peft/lora/method.h>
+#include <peft/prefix/method.h>
+#include <peft/prompt/method.h>
+#include <peft/vera/method.h>
+
+#include <peft/checkpoint.h>
+#include <peft/generation/generate.h>
+#include <peft/lora/weighted.h>
+#include <peft/native_model.h>
+#include <peft/peft_model.h>

@@ -3,41 +3,39 @@
 /// PeftModel: PEFT on a loaded TorchScript model, with HF peft's API: named
 /// adapters, merging, disabling, weighted combination, mixed-adapter batches.
 
-#include <peft/adapter/inject.h>
-#include <peft/bitfit/inject.h>
+#include <peft/peft_model_base.h>
 #include <peft/core/merged_guard.h>
 #include <peft/core/trainable.h>
-#include <peft/ia3/inject.h>
-#include <peft/lora/inject.h>
-#include <peft/prefix/inject.h>
-#include <peft/prompt/inject.h>
+#include <peft/io/adapter_files.h>
+#include <peft/quant/inject.h>
+#include <peft/tuner.h>
 #include <torch/script.h>
 
 #include <filesystem>
 #include <memory>
 #include <unordered_set>
-#include <variant>
 
 namespace peft {
 
-/// Any method's config.
-using PeftConfig =
-    std::variant<LoraConfig, IA3Config, AdapterConfig, BitFitConfig, PromptTuningConfig, PrefixTuningConfig>;
+namespace jit {
 
-/// Whether `config` is prompt or prefix tuning (one such adapter per model, alone).
-inline bool is_prompt_learning(const PeftConfig& config) {
-  return std::holds_alternative<PromptTuningConfig>(config) || std::holds_alternative<PrefixTuningConfig>(config);
-}
-
-/// How add_weighted_adapter combines LoRA adapters (HF's combination_type).
-enum class Combination {
-  Linear,  ///< A = Σ√(wᵢsᵢ)Aᵢ, B = Σ√(wᵢsᵢ)Bᵢ (equal ranks), as HF peft
-  Cat,     ///< A = [A₁; A₂; …], B = [w₁s₁B₁, w₂s₂B₂, …]: exactly Σ wᵢ ΔWᵢ, rank Σ rᵢ
-  SVD,     ///< the top-r SVD of Σ wᵢ ΔWᵢ
+/// One named adapter of a PeftModel: its config, its layers and its trainable copies.
+struct NamedAdapter {
+  /// The adapter's name ("default" unless given).
+  std::string name;
+  /// The config it was created or loaded with.
+  PeftConfig config;
+  /// The method's graph rewriting (internal).
+  std::unique_ptr<Tuner> tuner;
+  /// Its injected layers, by base module path.
+  std::vector<AdapterLayer> layers;
+  /// Its trainable copies of modules_to_save.
+  std::vector<TrainableCopy> copies;
+  /// Whether its config was read from a file (target rules as HF applies them to files).
+  bool from_file = false;
 };
 
-/// The name that selects no adapter in a mixed-adapter batch.
-inline const std::string kBaseAdapter = "__base__";
+}  // namespace jit
 
 /// A loaded TorchScript model with PEFT adapters injected. Only adapter
 /// parameters (plus modules_to_save and any trained biases, as copies)
@@ -52,44 +50,27 @@ inline const std::string kBaseAdapter = "__base__";
 /// auto logits = model.forward({input_ids}).toTensor();
 /// torch::jit::Module merged = model.merge_and_unload();
 /// ```
-class PeftModel {
+class PeftModel : public detail::PeftModelBase<PeftModel, jit::NamedAdapter> {
  public:
   /// One named adapter: its config, its layers and its trainable copies.
-  struct Adapter {
-    /// The adapter's name ("default" unless given).
-    std::string name;
-    /// The config it was created or loaded with.
-    PeftConfig config;
-    /// The method's graph rewriting (internal).
-    std::unique_ptr<jit::Tuner> tuner;
-    /// Its injected layers, by base module path.
-    std::vector<jit::AdapterLayer> layers;
-    /// Its trainable copies of modules_to_save.
-    std::vector<jit::TrainableCopy> copies;
-    /// Whether its config was read from a file (target rules as HF applies them to files).
-    bool from_file = false;
-  };
+  using Adapter = jit::NamedAdapter;
 
-  /// QLoRA (LoraConfig::quantize_base) quantises `base` in place first.
+  /// A config that changes the base (QLoRA's LoraConfig::quantize_base) changes `base` in place first.
   PeftModel(torch::jit::Module base, const PeftConfig& config, const std::string& adapter_name = "default")
-      : PeftModel(quantized_base(std::move(base), config)) {
+      : PeftModel(config.prepare_base(std::move(base))) {
     add_adapter(adapter_name, config);
   }
 
-  // ---------------------------------------------------- files (io/pretrained.h)
-  /// Writes every adapter in HF peft's layout: `dir/adapter_config.json` and
-  /// `dir/adapter_model.safetensors` for "default", `dir/<name>/...` for others.
-  /// Files are replaced atomically.
-  void save_pretrained(const std::filesystem::path& dir) const;
+  // ---------------------------------------------------------------- files
+  // save_pretrained / load_adapter: peft_model_base.h
 
-  /// Adds adapter `name` from files in HF peft's layout (also written by HF peft).
-  /// Throws FileError for a missing or mistyped config field, or a tensor that is
-  /// missing, of the wrong shape, or matching no module of this model.
-  void load_adapter(const std::filesystem::path& dir, const std::string& name);
-
-  /// `base` with the adapter in `dir` loaded and active.
-  static PeftModel from_pretrained(torch::jit::Module base, const std::filesystem::path& dir,
-                                   const std::string& name = "default");
+  /// Adapter `name`'s tensors under HF peft's keys and layouts (its file's content).
+  std::vector<io::StateEntry> adapter_state(const std::string& name) const {
+    const Adapter& a = *require(name);
+    std::vector<io::StateEntry> out = a.tuner->state(a.layers);
+    for (const auto& c : a.copies) out.push_back(io::plain_entry(io::kKeyPrefix + c.module + "." + c.attribute, c.copy));
+    return out;
+  }
 
   // ------------------------------------------------------------ adapters
   /// Adds an adapter (inactive unless it is the first; see set_adapter).
@@ -97,24 +78,12 @@ class PeftModel {
 
   /// Adds an adapter; `from_file`: its config was read from a file.
   void add_adapter(const std::string& name, const PeftConfig& config, bool from_file) {
-    check<OptionError>(find(name) == nullptr, "adapter '{}' already exists", name);
-    check<OptionError>(name != kBaseAdapter && !name.empty() && name.find('.') == std::string::npos,
-                       "adapter name '{}' is reserved or contains '.'", name);
-    check<OptionError>(adapters_.empty() || (!is_prompt_learning(config) && !is_prompt_learning(adapters_[0].config)),
-                       "adapter '{}': prompt and prefix tuning adapters cannot be combined with other adapters", name);
-    check<OptionError>(!merged_, "adapter '{}': unmerge_adapter() before adding adapters", name);
-    const auto* lora = std::get_if<LoraConfig>(&config);
-    check<OptionError>(adapters_.empty() || !lora || !lora->quantize_base(),
-                       "adapter '{}': LoraConfig.quantize_base applies to the first adapter, which quantises the base "
-                       "model; later adapters use the quantised base as it is",
-                       name);
-    const bool needs_boundaries = std::holds_alternative<AdapterConfig>(config);
-    const bool boundaries_gone = std::any_of(adapters_.begin(), adapters_.end(), [](const Adapter& a) {
-      return !std::holds_alternative<AdapterConfig>(a.config);
-    });
-    if (needs_boundaries && boundaries_gone) {
-      // Bottleneck adapters need submodule boundaries, which injecting other
-      // methods inlines away: rebuild with the bottleneck adapters first.
+    detail::check_new_adapter(name, config, configs(), merged_);
+    const bool boundaries_gone = std::any_of(adapters_.begin(), adapters_.end(),
+                                             [](const Adapter& a) { return !a.config.needs_module_boundaries(); });
+    if (config.needs_module_boundaries() && boundaries_gone) {
+      // Submodule boundaries (bottleneck adapters attach there) are inlined away by
+      // injecting other methods: rebuild with the adapters that need them first.
       rebuild({}, name, config, from_file);
     } else {
       try {
@@ -125,58 +94,9 @@ class PeftModel {
       }
     }
     if (adapters_.size() == 1) active_ = {name};
-    apply_active_flags();
+    apply_active();
   }
 
-  /// Makes `names` the active adapters. On a layer that several of them adapt,
-  /// their updates add up (LoRA: W + ΔW₁ + ΔW₂, merged or not). DoRA and IA3
-  /// rescale a layer's output, so no sum defines them with another adapter on the
-  /// same layer: OptionError naming the layer and the adapters.
-  void set_adapter(const std::vector<std::string>& names) {
-    check<OptionError>(!names.empty(), "set_adapter: give at least one adapter name");
-    for (const auto& n : names) require(n);
-    check<OptionError>(!merged_, "set_adapter: unmerge_adapter() first");
-    check_combination(names);
-    active_ = names;
-    apply_active_flags();
-  }
-  /// Activates these adapters together (their updates add up).
-  void set_adapter(std::initializer_list<std::string> names) { set_adapter(std::vector<std::string>(names)); }
-  /// Activates only this adapter.
-  void set_adapter(const std::string& name) { set_adapter(std::vector<std::string>{name}); }
-
-  /// The adapters forward uses now.
-  const std::vector<std::string>& active_adapters() const { return active_; }
-
-  /// Every adapter's name, in the order they were added.
-  std::vector<std::string> adapter_names() const {
-    std::vector<std::string> out;
-    for (const auto& a : adapters_) out.push_back(a.name);
-    return out;
-  }
-
-  /// Removes an adapter: the adapted model is rebuilt from the base with the
-  /// others, which keep their tensors (optimizers holding them stay valid).
-  void delete_adapter(const std::string& name) {
-    require(name);
-    check<OptionError>(adapters_.size() > 1, "delete_adapter: '{}' is the only adapter", name);
-    if (merged_) unmerge_adapter();
-    rebuild(name, "", {});
-    active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
-    if (active_.empty()) active_ = {adapters_.front().name};
-    apply_active_flags();
-  }
-
-  /// A new LoRA adapter combining LoRA adapters `names` with `weights`
-  /// (HF's add_weighted_adapter); its scaling is 1 (lora_alpha = r).
-  void add_weighted_adapter(const std::vector<std::string>& names, const std::vector<double>& weights,
-                            const std::string& new_name, Combination combination = Combination::SVD,
-                            int64_t svd_rank = 0);
-
-  /// The adapter called `name`; TargetError when there is none.
-  const Adapter& adapter(const std::string& name) const { return *require(name); }
-  /// Every adapter, in the order they were added.
-  const std::vector<Adapter>& adapters() const { return adapters_; }
 
   /// The layers of one adapter, or of all when `name` is empty.
   std::vector<jit::AdapterLayer> adapter_layers(const std::string& name = "") const {
@@ -205,7 +125,7 @@ class PeftModel {
     for (const auto& n : adapter_names)
       if (n != kBaseAdapter) require(n);
     for (const auto& a : adapters_) {
-      check<OptionError>(!is_prompt_learning(a.config), "mixed-adapter batches support LoRA, IA3 and bottleneck adapters");
+      check<OptionError>(!a.config.prompt_learning(), "mixed-adapter batches support LoRA, IA3 and bottleneck adapters");
       if (!a.copies.empty())  // (not check<>: its arguments are evaluated even when it passes)
         throw OptionError(fmt::format("mixed-adapter batches: adapter '{}' trains whole tensors ({}.{}, ...: "
                                       "modules_to_save, BitFit or biases), which one batch cannot vary per sample",
@@ -228,7 +148,7 @@ class PeftModel {
       ~Restore() {
         for (const auto& a : self->adapters_)
           for (const auto& l : a.layers) jit::set_flag(l, "use_sample_mask", false);
-        self->apply_active_flags();
+        self->apply_active();
       }
     } restore{this};
     const jit::EagerTrainingScope eager(adapted_.is_training());
@@ -236,13 +156,6 @@ class PeftModel {
   }
 
   // ----------------------------------------------------------- parameters
-  /// What the optimizer should receive: the active adapters' trainable tensors.
-  std::vector<torch::Tensor> trainable_parameters() const {
-    std::vector<torch::Tensor> out;
-    for (const auto& p : named_trainable_parameters()) out.push_back(p.second);
-    return out;
-  }
-
   /// The active adapters' trainable tensors with their names.
   /// A name is the base module's path and the parameter, like
   /// `transformer.h.0.attn.c_attn.lora_A`.
@@ -269,38 +182,7 @@ class PeftModel {
     return count;
   }
 
-  /// Prints "trainable params: X || all params: Y || trainable%: Z".
-  void print_trainable_parameters() const { fmt::print("{}\n", format_trainable_parameters(count_parameters())); }
-
   // ------------------------------------------------------ disable / merge
-  /// Scope guard returned by disable_adapter().
-  class DisabledScope {
-   public:
-    /// Disables the adapters of `model` until this scope ends.
-    explicit DisabledScope(PeftModel& model) : model_(&model), was_merged_(model.merged_) {
-      if (was_merged_) model_->unmerge_adapter();
-      model_->disabled_ = true;
-    }
-    /// Moves the restore duty to the new scope.
-    DisabledScope(DisabledScope&& other) noexcept : model_(other.model_), was_merged_(other.was_merged_) {
-      other.model_ = nullptr;
-    }
-    DisabledScope(const DisabledScope&) = delete;
-    DisabledScope& operator=(const DisabledScope&) = delete;
-    ~DisabledScope() {
-      if (!model_) return;
-      model_->disabled_ = false;
-      if (was_merged_) model_->merge_adapter();
-    }
-
-   private:
-    PeftModel* model_;
-    bool was_merged_;
-  };
-
-  /// Base behaviour until the returned guard goes out of scope (HF's `with model.disable_adapter():`).
-  [[nodiscard]] DisabledScope disable_adapter() { return DisabledScope(*this); }
-
   /// Folds the active adapters into the base weights (forward then costs what the base costs).
   /// With `safe_merge` (HF's), first checks that no merged weight would hold NaN or
   /// infinity and throws ModelError, changing nothing, if one would.
@@ -357,11 +239,6 @@ class PeftModel {
   const PeftConfig& config(const std::string& name = "") const {
     return name.empty() ? adapters_.front().config : require(name)->config;
   }
-  /// Whether the active adapters are folded into the base weights.
-  bool merged() const { return merged_; }
-  /// Whether a disable_adapter() scope is open (forward runs the base model).
-  bool adapters_disabled() const { return disabled_; }
-
   /// Training mode (dropout on) for the base and the adapters.
   void train(bool on = true) {
     adapted_.train(on);
@@ -395,71 +272,35 @@ class PeftModel {
     return c10::ivalue::Tuple::create(std::move(guarded));
   }
 
-  /// `base`, with the layers a QLoRA config names quantised to NF4 (in place).
-  static torch::jit::Module quantized_base(torch::jit::Module base, const PeftConfig& config) {
-    const auto* lora = std::get_if<LoraConfig>(&config);
-    if (!lora || !lora->quantize_base()) return base;
-    const NF4Config& nf4 = *lora->quantize_base();
-    std::vector<std::string> candidates, layers;
-    if (nf4.quantize_all_linear()) {
-      candidates = nf4::linear_layers(base);
-    } else {
-      auto graph = jit::inlined_copy(*jit::method_graph(base, "forward"), nullptr, jit::Injection::is_peft_call);
-      for (const auto& entry : jit::select_linear_targets(*graph, base, lora->rule(), "LoraConfig"))
-        candidates.push_back(entry.first);
-    }
-    for (const auto& name : candidates)  // modules_to_save train dense copies: never quantised
-      if (std::none_of(lora->modules_to_save().begin(), lora->modules_to_save().end(),
-                       [&](const std::string& key) { return TargetModules::matches_key(name, key); }))
-        layers.push_back(name);
-    nf4::quantize_linear_layers(base, layers, nf4);
-    return base;
-  }
-
-  /// Whether `config` rescales the layers it adapts (so it cannot share a layer with another active adapter).
-  static bool rescales_layers(const PeftConfig& config) {
-    const auto* lora = std::get_if<LoraConfig>(&config);
-    return std::holds_alternative<IA3Config>(config) || (lora && lora->use_dora());
-  }
-
-  /// Throws OptionError when a layer that a DoRA or IA3 adapter among `names` adapts is adapted by another of them.
-  void check_combination(const std::vector<std::string>& names) const {
-    std::map<std::string, std::vector<const Adapter*>> by_layer;
-    for (const auto& n : names)
-      for (const auto& l : require(n)->layers) by_layer[l.target].push_back(require(n));
-    for (const auto& [target, adapters] : by_layer) {
-      if (adapters.size() < 2) continue;
-      std::vector<std::string> all, rescaling;
-      for (const Adapter* a : adapters) {
-        all.push_back(a->name);
-        if (rescales_layers(a->config)) rescaling.push_back(a->name);
-      }
-      check<OptionError>(rescaling.empty(),
-                         "set_adapter: adapters {} all adapt '{}', and {} rescales its output (DoRA / IA3), so their "
-                         "combination has no defined order (merged and unmerged would differ); activate them one at a "
-                         "time, or use plain LoRA adapters, whose updates add up",
-                         join_names(all), target, join_names(rescaling));
-    }
-  }
-
   /// Puts a snapshot of the trained copy `c` into the base model, in its slot and its tied slots.
   void write_back(const jit::TrainableCopy& c) { put(base_, c, c.copy.detach().clone()); }
 
-  Adapter* find(const std::string& name) {
-    for (auto& a : adapters_)
-      if (a.name == name) return &a;
-    return nullptr;
+  friend class detail::PeftModelBase<PeftModel, jit::NamedAdapter>;
+
+  /// The layers adapter `a` adapts (set_adapter's combination check).
+  static std::vector<std::string> adapter_targets(const Adapter& a) {
+    std::vector<std::string> out;
+    for (const auto& l : a.layers) out.push_back(l.target);
+    return out;
   }
-  const Adapter* find(const std::string& name) const { return const_cast<PeftModel*>(this)->find(name); }
-  const Adapter* require(const std::string& name) const {
-    const Adapter* a = find(name);
-    if (!a) throw OptionError("no adapter named '" + name + "'; adapters: " + join_names(adapter_names()));
-    return a;
+
+  /// Config fields read off the built adapter.
+  static void describe(const Adapter& a, nlohmann::json& j) { a.tuner->describe(j, a.layers); }
+
+  /// Rebuilds the adapted model from the base without adapter `name`.
+  void remove_adapter(const std::string& name) { rebuild(name, "", {}); }
+
+  /// Takes out an adapter whose file did not load.
+  void remove_failed(const std::string& name) {
+    if (adapters_.size() > 1)
+      delete_adapter(name);
+    else
+      adapters_.clear();
   }
 
   Adapter inject(const std::string& name, const PeftConfig& config, bool from_file) {
     jit::Injection injection(adapted_, name, from_file);
-    auto tuner = std::visit([&](const auto& cfg) { return make_tuner(injection, cfg); }, config);
+    auto tuner = config.jit_tuner(injection);
     injection.finish();
     for (const auto& c : injection.copies())
       for (const auto& other : adapters_)
@@ -483,7 +324,7 @@ class PeftModel {
     } catch (...) {
       adapters_ = std::move(old);
       adapted_ = old_model;
-      apply_active_flags();
+      apply_active();
       throw;
     }
   }
@@ -494,21 +335,14 @@ class PeftModel {
     adapted_ = jit::Injection::adapted_clone(base_);
     for (bool bottleneck : {true, false}) {
       for (auto& a : old) {
-        if (a.name == skip || std::holds_alternative<AdapterConfig>(a.config) != bottleneck) continue;
-        Adapter fresh = inject(a.name, loading_config(a.config), a.from_file);
+        if (a.name == skip || a.config.needs_module_boundaries() != bottleneck) continue;
+        Adapter fresh = inject(a.name, a.config.for_loading(), a.from_file);
         take_tensors(a, fresh);
         adapters_.push_back(std::move(fresh));
       }
-      if (!added.empty() && std::holds_alternative<AdapterConfig>(added_config) == bottleneck)
+      if (!added.empty() && added_config.needs_module_boundaries() == bottleneck)
         adapters_.push_back(inject(added, added_config, added_from_file));
     }
-  }
-
-  /// The config to re-create an adapter whose tensors will be restored: no
-  /// initialisation that changes the base (PiSSA) or draws random numbers.
-  static PeftConfig loading_config(const PeftConfig& config) {
-    if (const auto* lora = std::get_if<LoraConfig>(&config)) return LoraConfig(*lora).init_lora_weights(LoraInit::Zero);
-    return config;
   }
 
   /// Moves `from`'s tensors into the freshly injected `to` (same layers and copies).
@@ -526,7 +360,7 @@ class PeftModel {
 
   /// Switches each adapter's layers on or off, and puts its trained copies (or,
   /// while it is inactive, the base's own tensors) into the adapted model's slots.
-  void apply_active_flags() {
+  void apply_active() {
     for (const auto& a : adapters_) {
       const bool on = std::find(active_.begin(), active_.end(), a.name) != active_.end();
       for (const auto& l : a.layers) jit::set_flag(l, "active", on);
@@ -540,92 +374,8 @@ class PeftModel {
     for (const auto& [module, attribute] : c.tied) jit::submodule(model, module).setattr(attribute, t);
   }
 
-  static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const LoraConfig& c) {
-    return std::make_unique<lora::Tuner>(i, c);
-  }
-  static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const IA3Config& c) {
-    return std::make_unique<ia3::Tuner>(i, c);
-  }
-  static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const AdapterConfig& c) {
-    return std::make_unique<adapter::Tuner>(i, c);
-  }
-  static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const BitFitConfig& c) {
-    return std::make_unique<bitfit::Tuner>(i, c);
-  }
-  static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const PromptTuningConfig& c) {
-    return std::make_unique<prompt::Tuner>(i, c);
-  }
-  static std::unique_ptr<jit::Tuner> make_tuner(jit::Injection& i, const PrefixTuningConfig& c) {
-    return std::make_unique<prefix::Tuner>(i, c);
-  }
-
   torch::jit::Module base_, adapted_;
-  std::vector<Adapter> adapters_;
-  std::vector<std::string> active_;
-  bool disabled_ = false, merged_ = false;
 };
-
-inline void PeftModel::add_weighted_adapter(const std::vector<std::string>& names, const std::vector<double>& weights,
-                                            const std::string& new_name, Combination combination, int64_t svd_rank) {
-  check<OptionError>(!names.empty() && names.size() == weights.size(),
-                     "add_weighted_adapter: {} adapters but {} weights", names.size(), weights.size());
-  // Every (adapter, layer) that contributes, by target module.
-  struct Part {
-    torch::Tensor A, B;
-    double scale;  // wᵢ · sᵢ
-  };
-  std::map<std::string, std::vector<Part>> parts;
-  int64_t rank_sum = 0, rank_max = 0, rank_first = -1;
-  for (size_t i = 0; i < names.size(); ++i) {
-    const Adapter& a = *require(names[i]);
-    const auto* cfg = std::get_if<LoraConfig>(&a.config);
-    check<OptionError>(cfg && !cfg->use_dora() && cfg->slice_pattern().empty(),
-                       "add_weighted_adapter: '{}' is not a plain LoRA adapter (DoRA and per-slice LoRA are not combined)",
-                       a.name);
-    for (const auto& l : a.layers) {
-      torch::Tensor A = l.module.attr("lora_A").toTensor().detach(), B = l.module.attr("lora_B").toTensor().detach();
-      parts[l.target].push_back({A, B, weights[i] * l.module.attr("scaling").toDouble()});
-      rank_max = std::max(rank_max, A.size(0));
-      if (rank_first < 0) rank_first = A.size(0);
-      check<OptionError>(combination != Combination::Linear || A.size(0) == rank_first,
-                         "add_weighted_adapter: Combination::Linear needs equal ranks ('{}' has {} at {}, expected {})",
-                         a.name, A.size(0), l.target, rank_first);
-    }
-    rank_sum += cfg->r();
-  }
-  const int64_t r = combination == Combination::Cat ? rank_sum
-                    : combination == Combination::SVD ? (svd_rank > 0 ? svd_rank : rank_max)
-                                                      : rank_first;
-  std::vector<std::string> targets;
-  for (const auto& entry : parts) targets.push_back(entry.first);
-  add_adapter(new_name, LoraConfig().r(r).lora_alpha(static_cast<double>(r)).target_modules(targets)
-                            .init_lora_weights(LoraInit::Zero));
-  torch::NoGradGuard no_grad;
-  for (const auto& l : find(new_name)->layers) {
-    const auto& ps = parts.at(l.target);
-    torch::Tensor A = l.module.attr("lora_A").toTensor(), B = l.module.attr("lora_B").toTensor();
-    if (combination == Combination::Linear) {
-      for (const auto& p : ps) {
-        A.add_(p.A * std::sqrt(std::abs(p.scale)) * (p.scale < 0 ? -1.0 : 1.0));
-        B.add_(p.B * std::sqrt(std::abs(p.scale)));
-      }
-    } else if (combination == Combination::Cat) {
-      std::vector<torch::Tensor> As, Bs;
-      for (const auto& p : ps) As.push_back(p.A), Bs.push_back(p.B * p.scale);
-      torch::Tensor catA = torch::cat(As, 0), catB = torch::cat(Bs, 1);
-      A.narrow(0, 0, catA.size(0)).copy_(catA);  // adapters missing here leave zero rows
-      B.narrow(1, 0, catB.size(1)).copy_(catB);
-    } else {
-      torch::Tensor delta = torch::zeros({B.size(0), A.size(1)}, A.options());
-      for (const auto& p : ps) delta += p.scale * torch::matmul(p.B, p.A);
-      torch::Tensor U, S, Vh;
-      std::tie(U, S, Vh) = at::linalg_svd(delta, /*full_matrices=*/false);
-      const int64_t k = std::min<int64_t>(r, S.size(0));
-      B.narrow(1, 0, k).copy_(U.narrow(1, 0, k) * S.narrow(0, 0, k).unsqueeze(0));
-      A.narrow(0, 0, k).copy_(Vh.narrow(0, 0, k));
-    }
-  }
-}
 
 /// Injects the method of `config` into a loaded TorchScript model (HF's get_peft_model).
 inline PeftModel get_peft_model(torch::jit::Module base, const PeftConfig& config,
@@ -634,6 +384,3 @@ inline PeftModel get_peft_model(torch::jit::Module base, const PeftConfig& confi
 }
 
 }  // namespace peft
-
-// The file members of PeftModel.
-#include <peft/io/pretrained.h>

@@ -48,6 +48,8 @@ class Tuner : public jit::Tuner {
   }
 
   std::string method() const override { return "BitFit"; }
+  /// Only trainable copies, which the caller saves.
+  std::vector<io::StateEntry> state(const std::vector<jit::AdapterLayer>&) const override { return {}; }
   /// Nothing to fold: merge_and_unload() writes the trained copies back.
   bool mergeable() const override { return true; }
   void merge() override {}

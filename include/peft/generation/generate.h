@@ -261,10 +261,9 @@ inline CacheRoute cache_route(PeftModel& model) {
   const auto& active = model.active_adapters();
   bool mergeable = true, prefix = false;
   for (const auto& name : active) {
-    const PeftConfig& c = model.adapter(name).config;
-    const auto* lora = std::get_if<LoraConfig>(&c);
-    prefix = prefix || std::holds_alternative<PrefixTuningConfig>(c);
-    mergeable = mergeable && ((lora && !lora->quantize_base()) || std::holds_alternative<IA3Config>(c));
+    const jit::CacheSupport support = model.adapter(name).tuner->cache_support();
+    prefix = prefix || support == jit::CacheSupport::Prefix;
+    mergeable = mergeable && support == jit::CacheSupport::Merge;
   }
   if (prefix && active.size() == 1) return CacheRoute::Prefix;
   return mergeable ? CacheRoute::Merge : CacheRoute::None;

@@ -82,6 +82,22 @@ class Tuner : public jit::Tuner {
     }
   }
   void unmerge() override { scale_weights(/*merge=*/false); }
+  jit::CacheSupport cache_support() const override { return jit::CacheSupport::Merge; }
+
+  /// HF stores ia3_l as (1, in) for feed-forward layers and (out, 1) otherwise.
+  std::vector<io::StateEntry> state(const std::vector<jit::AdapterLayer>& layers) const override {
+    std::vector<io::StateEntry> out;
+    for (const auto& l : layers) {
+      torch::Tensor t = l.module.attr("ia3_l").toTensor();
+      const bool ff = l.module.attr("feedforward").toBool();
+      out.push_back({io::kKeyPrefix + l.target + ".ia3_l", ff ? t.detach().unsqueeze(0) : t.detach().unsqueeze(1),
+                     [t](const torch::Tensor& v) mutable {
+                       torch::NoGradGuard no_grad;
+                       t.copy_(v.reshape({-1}));
+                     }});
+    }
+    return out;
+  }
 
  private:
   struct Layer {

@@ -14,7 +14,10 @@
 
 #include <peft/core/error.h>
 #include <peft/core/match.h>
+#include <peft/io/adapter_files.h>
 #include <peft/jit/graph.h>
+
+#include <nlohmann/json.hpp>
 
 #include <map>
 #include <set>
@@ -193,6 +196,17 @@ class Injection {
     copies_.push_back(trained);
   }
 
+  /// HF's `bias` field of LoRA-like methods: the bias of every base module
+  /// (`only_adapted` false: "all") or of the modules this adapter's layers adapt
+  /// ("lora_only", "vera_only") trains, as a copy.
+  void train_biases(bool only_adapted) {
+    for (const auto& m : base_modules(model_)) {
+      const bool adapted = std::any_of(layers_.begin(), layers_.end(), [&](const AdapterLayer& l) { return l.target == m.name; });
+      if (only_adapted && !adapted) continue;
+      if (m.value.hasattr("bias") && m.value.attr("bias").isTensor()) train_copy(m.name, "bias");
+    }
+  }
+
   /// Every parameter of the adapted model's `module` (and its submodules) as a trainable copy.
   void train_module_copy(const std::string& module, bool keep_tied = false) {
     for (const auto& p : submodule(model_, module).named_parameters(/*recurse=*/true)) {
@@ -336,9 +350,31 @@ inline torch::Tensor writable_base_tensor(const torch::jit::Module& root, const 
 }
 
 /// Methods that rewrite a model implement this; PeftModel drives it.
+/// How cached generation (forward_cached) can run while an adapter is active.
+enum class CacheSupport {
+  None,    ///< forward re-runs on the whole sequence
+  Merge,   ///< merged into the base weights for the call
+  Prefix,  ///< its prefixes become the initial past keys and values
+};
+
+/// An entry for tensor attribute `attr` of `layer`, under HF's key
+/// `base_model.model.<target>.<suffix>`.
+inline io::StateEntry attr_entry(const AdapterLayer& layer, const std::string& suffix, const std::string& attr) {
+  return io::plain_entry(io::kKeyPrefix + layer.target + "." + suffix, layer.module.attr(attr).toTensor());
+}
+
+/// One adapter's method on a TorchScript model (made by Method<Config>::jit_tuner).
 class Tuner {
  public:
   virtual ~Tuner() = default;
+  /// The adapter's tensors under HF peft's keys and layouts (modules_to_save
+  /// copies are added by the caller), for files.
+  virtual std::vector<io::StateEntry> state(const std::vector<AdapterLayer>& layers) const = 0;
+  /// Adds to the config's JSON what the config does not say but the file needs
+  /// (sizes read off the model).
+  virtual void describe(nlohmann::json& /*config*/, const std::vector<AdapterLayer>& /*layers*/) const {}
+  /// See CacheSupport.
+  virtual CacheSupport cache_support() const { return CacheSupport::None; }
   /// "LoRA", "IA3", ... for messages.
   virtual std::string method() const = 0;
   /// Whether merge() can fold the adapter into the base weights.

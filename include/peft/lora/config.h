@@ -78,11 +78,11 @@ struct LoraConfig {
   /// LoraOptions for the module `name`, after rank_pattern / alpha_pattern / slice_pattern.
   LoraOptions options_for(const std::string& name) const {
     return LoraOptions(pattern_value(rank_pattern_, name).value_or(r_))
-        .alpha(pattern_value(alpha_pattern_, name).value_or(lora_alpha_))
-        .dropout(lora_dropout_)
+        .lora_alpha(pattern_value(alpha_pattern_, name).value_or(lora_alpha_))
+        .lora_dropout(lora_dropout_)
         .use_rslora(use_rslora_)
         .use_dora(use_dora_)
-        .init(init_lora_weights_)
+        .init_lora_weights(init_lora_weights_)
         .enable_slices(pattern_value(slice_pattern_, name).value_or(std::vector<bool>{}));
   }
 };

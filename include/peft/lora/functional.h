@@ -114,21 +114,54 @@ inline torch::Tensor dora_weight_norm(const torch::Tensor& weight, const torch::
   return (w + delta).norm(2, /*dim=*/1);
 }
 
-/// DoRA (Liu et al. 2024): y = m/‖W + s·BA‖ · (W + s·BA)·x + b, written as HF
-/// peft computes it, with the norm detached (§4.3 of the paper):
-/// y = x·Wᵀ + b + (m/‖·‖ − 1)·x·Wᵀ + m/‖·‖ · s·B·A·dropout(x).
-inline torch::Tensor dora(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
-                          const torch::Tensor& A, const torch::Tensor& B, const torch::Tensor& magnitude,
-                          const LoraFuncOptions& options = {}) {
+/// DoRA's merge-time scale m/‖W + ΔW‖ [out], shaped to multiply the weight as
+/// stored ([out, in], or [in, out] with fan_in_fan_out).
+inline torch::Tensor dora_weight_scale(const torch::Tensor& weight, const torch::Tensor& A, const torch::Tensor& B,
+                                       const torch::Tensor& magnitude, const LoraFuncOptions& options = {}) {
+  torch::Tensor scale = magnitude / dora_weight_norm(weight, A, B, options);
+  return options.fan_in_fan_out() ? scale.unsqueeze(0) : scale.unsqueeze(1);
+}
+
+/// The weight with the update folded in, in its own layout and dtype: W + ΔW,
+/// or DoRA's (W + ΔW)·scale with `dora_scale` from dora_weight_scale (undefined: LoRA).
+inline torch::Tensor merged_weight(const torch::Tensor& weight, const torch::Tensor& A, const torch::Tensor& B,
+                                   const torch::Tensor& dora_scale, const LoraFuncOptions& options = {}) {
+  torch::Tensor merged = weight + lora_delta_weight(A, B, options).to(weight.dtype());
+  return dora_scale.defined() ? merged * dora_scale.to(weight.dtype()) : merged;
+}
+
+/// merged_weight() undone (up to rounding), with the same `dora_scale`.
+inline torch::Tensor unmerged_weight(const torch::Tensor& merged, const torch::Tensor& A, const torch::Tensor& B,
+                                     const torch::Tensor& dora_scale, const LoraFuncOptions& options = {}) {
+  torch::Tensor weight = dora_scale.defined() ? merged / dora_scale.to(merged.dtype()) : merged;
+  return weight - lora_delta_weight(A, B, options).to(merged.dtype());
+}
+
+/// DoRA's change to the frozen layer's output y = x·Wᵀ + b, in HF peft's order
+/// with the norm detached (§4.3 of Liu et al. 2024):
+/// (m/‖W + s·BA‖ − 1)·(y − b) + m/‖W + s·BA‖ · s·B·A·dropout(x), where (y − b)
+/// is recomputed from dropout(x) while dropout is on. Zero when m = ‖W + s·BA‖.
+inline torch::Tensor dora_delta(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& weight,
+                                const torch::Tensor& bias, const torch::Tensor& A, const torch::Tensor& B,
+                                const torch::Tensor& magnitude, const LoraFuncOptions& options = {}) {
   check<OptionError>(options.enable_slices().empty(), "functional::dora: enable_slices is not supported with DoRA");
   const bool dropping = options.training() && options.dropout() > 0;
   torch::Tensor dropped =
       torch::nn::functional::dropout(x, torch::nn::functional::DropoutFuncOptions().p(options.dropout()).training(dropping));
-  torch::Tensor w = options.fan_in_fan_out() ? weight.t() : weight;
   torch::Tensor scale = magnitude / dora_weight_norm(weight, A, B, options).detach();
-  torch::Tensor base_no_bias = torch::nn::functional::linear(dropping ? dropped : x, w);
-  return torch::nn::functional::linear(x, w, bias) + base_no_bias * (scale - 1) +
-         scale * lora_branch(dropped, A, B, options);
+  torch::Tensor base_no_bias = dropping         ? base_linear(dropped, weight, torch::Tensor(), options.fan_in_fan_out())
+                               : bias.defined() ? y - bias
+                                                : y;
+  return base_no_bias * (scale - 1) + scale * lora_branch(dropped, A, B, options);
+}
+
+/// DoRA (Liu et al. 2024): y = m/‖W + s·BA‖ · (W + s·BA)·x + b, computed as
+/// x·Wᵀ + b + dora_delta(...).
+inline torch::Tensor dora(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                          const torch::Tensor& A, const torch::Tensor& B, const torch::Tensor& magnitude,
+                          const LoraFuncOptions& options = {}) {
+  torch::Tensor y = base_linear(x, weight, bias, options.fan_in_fan_out());
+  return y + dora_delta(x, y, weight, bias, A, B, magnitude, options);
 }
 
 }  // namespace functional

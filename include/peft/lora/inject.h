@@ -68,7 +68,7 @@ struct Layer {
   jit::AdapterLayer layer;
   LoraOptions options;
   bool fan_in_fan_out;
-  torch::Tensor dora_scale;  // m/‖W + ΔW‖ at merge time
+  torch::Tensor dora_scale;  // m/‖W + ΔW‖ at merge time, shaped like the weight
   c10::optional<torch::jit::Module> nf4;  // QLoRA: the base weight's NF4 module
   nf4::Quantized before_merge;            // QLoRA, re-quantising merge: the state to restore
   bool requantize_on_merge = false;
@@ -85,13 +85,30 @@ class Tuner : public jit::Tuner {
     if (!orientation_mismatch_.empty())  // HF peft warns and corrects the same way
       warn("LoraConfig.fan_in_fan_out={} does not fit {}; using the layout the graph shows", config.fan_in_fan_out(),
            join_names(orientation_mismatch_, 4));
-    train_biases(injection, config);
+    if (config.bias() != LoraBias::None) injection.train_biases(/*only_adapted=*/config.bias() == LoraBias::LoraOnly);
     injection.train_modules_to_save(config.modules_to_save(), config.ensure_weight_tying());
   }
 
   std::string method() const override { return "LoRA"; }
   bool mergeable() const override { return true; }
   const std::vector<Layer>& layers() const { return layers_; }
+
+  std::vector<io::StateEntry> state(const std::vector<jit::AdapterLayer>& layers) const override {
+    std::vector<io::StateEntry> out;
+    for (const auto& l : layers) {
+      out.push_back(jit::attr_entry(l, "lora_A.weight", "lora_A"));
+      out.push_back(jit::attr_entry(l, "lora_B.weight", "lora_B"));
+      if (l.module.hasattr("lora_magnitude_vector"))
+        out.push_back(jit::attr_entry(l, "lora_magnitude_vector", "lora_magnitude_vector"));
+    }
+    return out;
+  }
+
+  /// Merged for cached generation, unless a base weight is NF4 (QLoRA re-runs forward).
+  jit::CacheSupport cache_support() const override {
+    const bool quantized = std::any_of(layers_.begin(), layers_.end(), [](const Layer& l) { return l.nf4.has_value(); });
+    return quantized ? jit::CacheSupport::None : jit::CacheSupport::Merge;
+  }
 
   void merge() override {
     torch::NoGradGuard no_grad;
@@ -131,10 +148,7 @@ class Tuner : public jit::Tuner {
         nf4::set_dense(*l.nf4, torch::Tensor());
       } else {
         torch::Tensor W = weight(l);
-        if (l.options.use_dora())
-          W.copy_(W / dora_scale_of_weight(l) - delta_weight(l));
-        else
-          W.sub_(delta_weight(l));
+        W.copy_(functional::unmerged_weight(W, factor(l, "lora_A"), factor(l, "lora_B"), l.dora_scale, func(l)));
       }
       jit::set_flag(l.layer, "merged", false);
     }
@@ -152,7 +166,7 @@ class Tuner : public jit::Tuner {
     std::vector<std::pair<std::string, torch::Tensor>> params{{"lora_A", A}, {"lora_B", B}};
     if (options.use_dora()) params.emplace_back("lora_magnitude_vector", magnitude);
     auto module = injection.add_layer(target, "LoraLayer", params,
-                                      {{"scaling", options.scaling()}, {"lora_dropout", options.dropout()}},
+                                      {{"scaling", options.scaling()}, {"lora_dropout", options.lora_dropout()}},
                                       layer_source(options, site.fan_in_fan_out));
     const jit::AdapterLayer& layer = injection.layers().back();
     for (const auto& use : uses) {
@@ -181,14 +195,10 @@ class Tuner : public jit::Tuner {
 
   /// W + ΔW (DoRA: (W + ΔW)·m/‖W + ΔW‖, remembering the scale to unmerge).
   torch::Tensor merged_weight(Layer& l, const torch::Tensor& W) {
-    if (!l.options.use_dora()) return W + delta_weight(l);
-    torch::Tensor m = l.layer.module.attr("lora_magnitude_vector").toTensor();
-    l.dora_scale = m / functional::dora_weight_norm(W, factor(l, "lora_A"), factor(l, "lora_B"), func(l));
-    return (W + delta_weight(l)) * dora_scale_of_weight(l);
-  }
-  /// The DoRA scale shaped to multiply the weight (rows, or columns with fan_in_fan_out).
-  torch::Tensor dora_scale_of_weight(const Layer& l) const {
-    return l.fan_in_fan_out ? l.dora_scale.unsqueeze(0) : l.dora_scale.unsqueeze(1);
+    const torch::Tensor A = factor(l, "lora_A"), B = factor(l, "lora_B");
+    if (l.options.use_dora())
+      l.dora_scale = functional::dora_weight_scale(W, A, B, factor(l, "lora_magnitude_vector"), func(l));
+    return functional::merged_weight(W, A, B, l.dora_scale, func(l));
   }
 
   /// QLoRA: the merged weight dense in the compute dtype, or re-quantised to NF4 (lossy).
@@ -199,10 +209,8 @@ class Tuner : public jit::Tuner {
       nf4::set_dense(*l.nf4, merged.to(q.dtype));
       return;
     }
-    l.before_merge = q;
-    for (auto* t : {&l.before_merge.packed, &l.before_merge.absmax, &l.before_merge.nested_absmax, &l.before_merge.nested_offset})
-      if (t->defined()) *t = t->clone();
-    nf4::overwrite(*l.nf4, nf4::quantize(merged, NF4Config().blocksize(q.blocksize).double_quant(q.double_quant())));
+    l.before_merge = nf4::deep_copy(q);
+    nf4::overwrite(*l.nf4, nf4::quantize_like(merged, q));
     const double error = (nf4::current_weight(*l.nf4, torch::kFloat) - merged).abs().max().item<double>();
     warn("merging LoRA into the NF4 weight of {} re-quantises it: max |error| {:.3g}", l.layer.target, error);
   }
@@ -213,7 +221,7 @@ class Tuner : public jit::Tuner {
                                                                          const LoraOptions& options) {
     torch::NoGradGuard no_grad;
     const auto quantized = nf4::weight_module(model_, target);
-    check<OptionError>(!quantized || options.init() != LoraInit::PiSSA,
+    check<OptionError>(!quantized || options.init_lora_weights() != LoraInit::PiSSA,
                        "LoraConfig target '{}': LoraInit::PiSSA rewrites the base weight, which is NF4-quantised", target);
     torch::Tensor W = quantized ? nf4::current_weight(*quantized, nf4::source_dtype(*quantized))
                                 : jit::base_tensor(model_, target, "weight");
@@ -228,15 +236,6 @@ class Tuner : public jit::Tuner {
       magnitude = functional::dora_weight_norm(
           W, A, B, functional::LoraFuncOptions().scaling(options.scaling()).fan_in_fan_out(site.fan_in_fan_out));
     return {A, B, magnitude};
-  }
-
-  void train_biases(jit::Injection& injection, const LoraConfig& config) {
-    if (config.bias() == LoraBias::None) return;
-    for (const auto& m : jit::Injection::base_modules(model_)) {
-      const bool lora_layer = std::any_of(layers_.begin(), layers_.end(), [&](const Layer& l) { return l.layer.target == m.name; });
-      if (config.bias() == LoraBias::LoraOnly && !lora_layer) continue;
-      if (m.value.hasattr("bias") && m.value.attr("bias").isTensor()) injection.train_copy(m.name, "bias");
-    }
   }
 
   functional::LoraFuncOptions func(const Layer& l) const {

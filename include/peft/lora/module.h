@@ -43,7 +43,7 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> initial_factors(c
   const int64_t k = slices.empty() ? 1 : static_cast<int64_t>(std::count(slices.begin(), slices.end(), true));
   const int64_t r = o.r();
   torch::Tensor A = torch::zeros({r * k, in}, weight.options()), B = torch::zeros({out / n * k, r}, weight.options());
-  switch (o.init()) {
+  switch (o.init_lora_weights()) {
     case LoraInit::Default: torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0)); break;
     case LoraInit::Gaussian: torch::nn::init::normal_(A, 0.0, 1.0 / static_cast<double>(r)); break;
     case LoraInit::Random:
@@ -64,7 +64,7 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> initial_factors(c
 ///
 /// ```
 /// torch::nn::Linear base(768, 768);                      // pretrained, loaded elsewhere
-/// peft::LoRALinear q(base, peft::LoraOptions(8).alpha(16));
+/// peft::LoRALinear q(base, peft::LoraOptions(8).lora_alpha(16));
 /// torch::optim::AdamW opt(peft::trainable_parameters(*q), 1e-3);
 /// auto y = q(x);
 /// q->merge();                                            // inference at base cost
@@ -123,12 +123,11 @@ class LoRALinearImpl : public torch::nn::Module {
     torch::NoGradGuard no_grad;
     if (quantized_) {
       merge_quantized();
-    } else if (options_.use_dora()) {
-      torch::Tensor& W = base->weight;
-      dora_scale_ = lora_magnitude_vector / functional::dora_weight_norm(W, lora_A, lora_B, func_options());
-      W.copy_((W + delta_weight()) * dora_scale_.unsqueeze(1));
     } else {
-      base->weight.add_(delta_weight());
+      torch::Tensor& W = base->weight;
+      if (options_.use_dora())
+        dora_scale_ = functional::dora_weight_scale(W, lora_A, lora_B, lora_magnitude_vector, func_options());
+      W.copy_(functional::merged_weight(W, lora_A, lora_B, dora_scale_, func_options()));
     }
     merged_ = true;
   }
@@ -143,10 +142,8 @@ class LoRALinearImpl : public torch::nn::Module {
       requantized_ = false;
     } else if (quantized_) {
       W.set_data(torch::empty({0}, W.options()));
-    } else if (options_.use_dora()) {
-      W.copy_(W / dora_scale_.unsqueeze(1) - delta_weight());
     } else {
-      W.sub_(delta_weight());
+      W.copy_(functional::unmerged_weight(W, lora_A, lora_B, dora_scale_, func_options()));
     }
     merged_ = false;
   }
@@ -173,7 +170,7 @@ class LoRALinearImpl : public torch::nn::Module {
   functional::LoraFuncOptions func_options() const {
     return functional::LoraFuncOptions()
         .scaling(options_.scaling())
-        .dropout(options_.dropout())
+        .dropout(options_.lora_dropout())
         .training(is_training())
         .enable_slices(options_.enable_slices());
   }
@@ -183,7 +180,7 @@ class LoRALinearImpl : public torch::nn::Module {
 
   /// QLoRA: the base weight moves into NF4 buffers (`base_nf4_packed`, ...) and the fp32 one is released.
   void quantize_base(const NF4Config& config) {
-    check<OptionError>(options_.init() != LoraInit::PiSSA && options_.enable_slices().empty(),
+    check<OptionError>(options_.init_lora_weights() != LoraInit::PiSSA && options_.enable_slices().empty(),
                        "LoRALinear: LoraInit::PiSSA and enable_slices cannot be combined with quantize_base");
     quantized_ = nf4::quantize(base->weight, config);
     register_buffer("base_nf4_packed", quantized_->packed);
@@ -207,7 +204,7 @@ class LoRALinearImpl : public torch::nn::Module {
     torch::Tensor y = torch::nn::functional::linear(x.to(compute), W, bias).to(x.scalar_type());
     if (merged_) return y;  // re-quantised with the update folded in
     torch::Tensor dropped = torch::nn::functional::dropout(
-        x, torch::nn::functional::DropoutFuncOptions().p(options_.dropout()).training(is_training() && options_.dropout() > 0));
+        x, torch::nn::functional::DropoutFuncOptions().p(options_.lora_dropout()).training(is_training() && options_.lora_dropout() > 0));
     return y + functional::lora_branch(dropped.to(lora_A.scalar_type()), lora_A, lora_B, func_options()).to(y.scalar_type());
   }
 
@@ -215,19 +212,15 @@ class LoRALinearImpl : public torch::nn::Module {
     nf4::Quantized fp32 = *quantized_;
     fp32.dtype = torch::kFloat;
     torch::Tensor W = nf4::dequantize(fp32);
-    torch::Tensor merged = W + delta_weight().to(torch::kFloat);
-    if (options_.use_dora()) {
-      dora_scale_ = lora_magnitude_vector / functional::dora_weight_norm(W, lora_A, lora_B, func_options());
-      merged = merged * dora_scale_.unsqueeze(1);
-    }
+    if (options_.use_dora())
+      dora_scale_ = functional::dora_weight_scale(W, lora_A, lora_B, lora_magnitude_vector, func_options());
+    torch::Tensor merged = functional::merged_weight(W, lora_A, lora_B, dora_scale_, func_options());
     if (!options_.quantize_base()->requantize_on_merge()) {
       base->weight.set_data(merged.to(lora_A.scalar_type()));
       return;
     }
-    before_merge_ = *quantized_;
-    for (auto* t : {&before_merge_.packed, &before_merge_.absmax, &before_merge_.nested_absmax, &before_merge_.nested_offset})
-      if (t->defined()) *t = t->clone();
-    copy_state(*quantized_, nf4::quantize(merged, NF4Config().blocksize(quantized_->blocksize).double_quant(quantized_->double_quant())));
+    before_merge_ = nf4::deep_copy(*quantized_);
+    copy_state(*quantized_, nf4::quantize_like(merged, *quantized_));
     requantized_ = true;
     warn("LoRALinear merge re-quantises the NF4 base weight: max |error| {:.3g}",
          (nf4::dequantize(*quantized_).to(torch::kFloat) - merged).abs().max().item<double>());
@@ -254,7 +247,7 @@ class LoRALinearImpl : public torch::nn::Module {
 
   LoraOptions options_;
   bool merged_ = false;
-  torch::Tensor dora_scale_;  // DoRA: m/‖W + ΔW‖ at merge time, to unmerge exactly
+  torch::Tensor dora_scale_;  // DoRA: m/‖W + ΔW‖ at merge time, shaped like the weight, to unmerge
   c10::optional<nf4::Quantized> quantized_;  // QLoRA: the base weight in NF4
   nf4::Quantized before_merge_;              // QLoRA, re-quantising merge: the state to restore
   bool requantized_ = false;
@@ -279,15 +272,15 @@ class LoRAEmbeddingImpl : public torch::nn::Module {
     const int64_t num = base->weight.size(0), dim = base->weight.size(1);
     options_.validate(num, dim, "LoRAEmbedding");
     check<OptionError>(!options_.use_dora() && options_.enable_slices().empty() && !options_.fan_in_fan_out() &&
-                           options_.init() != LoraInit::PiSSA,
+                           options_.init_lora_weights() != LoraInit::PiSSA,
                        "LoRAEmbedding: use_dora, enable_slices, fan_in_fan_out and LoraInit::PiSSA apply to linear "
                        "layers only");
     for (auto& p : base->parameters()) p.set_requires_grad(false);
     torch::NoGradGuard no_grad;
     const auto like = base->weight.options();
     torch::Tensor A = torch::zeros({options_.r(), num}, like), B = torch::zeros({dim, options_.r()}, like);
-    if (options_.init() == LoraInit::Random) torch::nn::init::normal_(A);
-    if (options_.init() != LoraInit::Zero) torch::nn::init::normal_(B);
+    if (options_.init_lora_weights() == LoraInit::Random) torch::nn::init::normal_(A);
+    if (options_.init_lora_weights() != LoraInit::Zero) torch::nn::init::normal_(B);
     lora_embedding_A = register_parameter("lora_embedding_A", A);
     lora_embedding_B = register_parameter("lora_embedding_B", B);
   }

@@ -121,6 +121,29 @@ class Tuner : public jit::Tuner {
   }
 
   std::string method() const override { return "PrefixTuning"; }
+  jit::CacheSupport cache_support() const override { return jit::CacheSupport::Prefix; }
+
+  /// Stored as HF stores it, [P, layers·2·kv_heads·head_dim]; a projection MLP is saved folded.
+  std::vector<io::StateEntry> state(const std::vector<jit::AdapterLayer>& layers) const override {
+    torch::jit::Module m = layers.front().module;
+    return {{"prompt_embeddings", m.run_method("prefixes").toTensor().detach(), [m](const torch::Tensor& v) mutable {
+               check<ModelError>(!m.attr("use_projection").toBool(), "load a prefix adapter without prefix_projection");
+               torch::NoGradGuard no_grad;
+               m.attr("prefix").toTensor().copy_(v);
+             }}};
+  }
+
+  /// HF's fields describe one layout for every layer (null where layers differ:
+  /// they are read off the graph on load), and the layer count.
+  void describe(nlohmann::json& config, const std::vector<jit::AdapterLayer>& layers) const override {
+    const auto module = layers.front().module;
+    const auto heads = module.attr("kv_heads").toIntVector(), dims = module.attr("head_dims").toIntVector();
+    const bool uniform = std::equal(heads.begin() + 1, heads.end(), heads.begin()) &&
+                         std::equal(dims.begin() + 1, dims.end(), dims.begin());
+    config["token_dim"] = uniform ? nlohmann::json(heads[0] * dims[0]) : nlohmann::json(nullptr);
+    config["num_attention_heads"] = uniform ? nlohmann::json(heads[0]) : nlohmann::json(nullptr);
+    config["num_layers"] = module.attr("num_layers").toInt();
+  }
 
   /// Replaces the reparametrisation MLP by the prefixes it produces now, for
   /// saving and inference; the MLP's tensors are emptied. A no-op without one.

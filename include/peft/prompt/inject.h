@@ -91,6 +91,14 @@ class Tuner : public jit::Tuner {
 
   std::string method() const override { return "PromptTuning"; }
 
+  std::vector<io::StateEntry> state(const std::vector<jit::AdapterLayer>& layers) const override {
+    return {io::plain_entry("prompt_embeddings", layers.front().module.attr("prompt_embeddings").toTensor())};
+  }
+  /// token_dim as built (the hidden width when the config left it 0).
+  void describe(nlohmann::json& config, const std::vector<jit::AdapterLayer>& layers) const override {
+    config["token_dim"] = layers.front().module.attr("prompt_embeddings").toTensor().size(1);
+  }
+
  private:
   /// The blocks of the first nn.ModuleList forward calls, in call order.
   static std::vector<std::string> stack_blocks(jit::Injection& injection) {

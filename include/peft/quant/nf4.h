@@ -269,6 +269,19 @@ inline torch::Tensor absmax_values(const Quantized& q) {
          q.nested_offset;
 }
 
+/// A copy of `q` with its own tensors (to restore after a re-quantising merge).
+inline Quantized deep_copy(const Quantized& q) {
+  Quantized copy = q;
+  for (auto* t : {&copy.packed, &copy.absmax, &copy.nested_absmax, &copy.nested_offset})
+    if (t->defined()) *t = t->clone();
+  return copy;
+}
+
+/// `weight` quantised with the blocksize and double quantisation of `like`.
+inline Quantized quantize_like(const torch::Tensor& weight, const Quantized& like) {
+  return quantize(weight, NF4Config().blocksize(like.blocksize).double_quant(like.double_quant()));
+}
+
 /// The weight back in `q.dtype`: code[index] · absmax of its block.
 inline torch::Tensor dequantize(const Quantized& q) {
   torch::Tensor values = code_pairs().to(q.packed.device()).index_select(0, q.packed.to(torch::kInt)).flatten();

@@ -6,7 +6,7 @@
 int main() {
   std::cout << "peft " << peft::version() << "\n";
   torch::nn::Linear base(16, 8);
-  peft::LoRALinear layer(base, peft::LoraOptions(4).alpha(8));
+  peft::LoRALinear layer(base, peft::LoraOptions(4).lora_alpha(8));
   peft::print_trainable_parameters(*layer);
   torch::Tensor x = torch::randn({2, 16});
   // Neutral init: the adapted layer starts as its base.

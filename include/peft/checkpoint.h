@@ -4,7 +4,8 @@
 /// adapter configs in one file, replaced atomically, so a run can resume and
 /// reproduce the losses of an uninterrupted run.
 
-#include <peft/io/pretrained.h>
+#include <peft/io/atomic_file.h>
+#include <peft/peft_model.h>
 #include <torch/torch.h>
 
 #include <mutex>
@@ -16,7 +17,7 @@ namespace detail {
 
 inline std::string adapter_configs_json(const PeftModel& model) {
   nlohmann::json j = nlohmann::json::object();
-  for (const auto& a : model.adapters()) j[a.name] = io::config_json(a);
+  for (const auto& a : model.adapters()) j[a.name] = model.adapter_config_json(a.name);
   return j.dump();
 }
 

@@ -4,7 +4,7 @@
 /// submodules (e.g. each block's attention and MLP): their output h becomes
 /// h + W_up σ(W_down h), computed by a small TorchScript module.
 
-#include <peft/adapter/adapter.h>
+#include <peft/bottleneck/bottleneck.h>
 #include <peft/core/match.h>
 #include <peft/jit/inject.h>
 
@@ -16,9 +16,9 @@ namespace peft {
 /// use peft_type "BOTTLENECK_ADAPTER").
 ///
 /// ```
-/// auto cfg = peft::AdapterConfig().target_modules(".*\\.(attn|mlp)").bottleneck_size(16);
+/// auto cfg = peft::BottleneckConfig().target_modules(".*\\.(attn|mlp)").bottleneck_size(16);
 /// ```
-struct AdapterConfig {
+struct BottleneckConfig {
   /// Submodules after which an adapter is inserted (names, regex).
   TORCH_ARG(TargetModules, target_modules);
   /// Submodules never targeted, even when target_modules matches them.
@@ -32,9 +32,9 @@ struct AdapterConfig {
   /// hidden_size / reduction_factor is the bottleneck when bottleneck_size is 0.
   TORCH_ARG(int64_t, reduction_factor) = 16;
   /// Nonlinearity of every adapter.
-  TORCH_ARG(AdapterActivation, activation) = AdapterActivation::ReLU;
+  TORCH_ARG(BottleneckActivation, activation) = BottleneckActivation::ReLU;
   /// Initialisation of every adapter (Identity: the base model at step 0).
-  TORCH_ARG(AdapterInit, init) = AdapterInit::Identity;
+  TORCH_ARG(BottleneckInit, init) = BottleneckInit::Identity;
   /// Width of the submodule outputs; 0: read from the last linear layer feeding them.
   TORCH_ARG(int64_t, hidden_size) = 0;
   /// Base submodules (e.g. a classifier head) that train fully, as copies.
@@ -45,13 +45,13 @@ struct AdapterConfig {
   TargetRule rule() const { return {target_modules_, exclude_modules_, layers_to_transform_, layers_pattern_}; }
 };
 
-namespace adapter {
+namespace bottleneck {
 
 /// TorchScript source of one adapter layer (functional::adapter).
-inline std::string layer_source(AdapterActivation activation) {
-  const char* act = activation == AdapterActivation::ReLU   ? "torch.relu(z)"
-                    : activation == AdapterActivation::GELU ? "torch.gelu(z)"
-                    : activation == AdapterActivation::Tanh ? "torch.tanh(z)"
+inline std::string layer_source(BottleneckActivation activation) {
+  const char* act = activation == BottleneckActivation::ReLU   ? "torch.relu(z)"
+                    : activation == BottleneckActivation::GELU ? "torch.gelu(z)"
+                    : activation == BottleneckActivation::Tanh ? "torch.tanh(z)"
                                                             : "z * torch.sigmoid(z)";
   return std::string("def forward(self, h: Tensor) -> Tensor:\n"
                      "    if not self.active:\n"
@@ -91,7 +91,7 @@ inline int64_t width_from_linear(jit::Value* v, const torch::jit::Module& root, 
 /// Bottleneck adapters after the targeted submodules of an Injection.
 class Tuner : public jit::Tuner {
  public:
-  Tuner(jit::Injection& injection, const AdapterConfig& config) : model_(injection.model()) {
+  Tuner(jit::Injection& injection, const BottleneckConfig& config) : model_(injection.model()) {
     std::vector<std::string> names, called;
     for (const auto& m : jit::Injection::base_modules(model_)) names.push_back(m.name);
     collect_calls(injection, called);
@@ -99,24 +99,40 @@ class Tuner : public jit::Tuner {
     std::map<std::string, jit::Node*> earlier = earlier_adapter_calls(injection);
     for (const auto& entry : earlier) called.push_back(entry.first);
     check<ModelError>(!called.empty(),
-                      "AdapterConfig: the model's forward calls no submodules (QLoRA's quantize_base inlines it), and "
+                      "BottleneckConfig: the model's forward calls no submodules (QLoRA's quantize_base inlines it), and "
                       "a bottleneck adapter goes after a submodule call; add bottleneck adapters to a model without "
                       "quantize_base");
-    auto targets = select_targets(names, called, injection.rule(config.rule()), "AdapterConfig", "submodule called in forward");
+    auto targets = select_targets(names, called, injection.rule(config.rule()), "BottleneckConfig", "submodule called in forward");
     std::set<std::string> wanted(targets.begin(), targets.end());
     for (const auto& [path, call] : earlier)
       if (wanted.erase(path)) insert(injection, config, path, call);
     injection.inline_all([&](jit::Node* call, const std::string& path) {
       if (!wanted.count(path)) return;
       check<ModelError>(call->outputs().size() == 1 && call->output()->type()->cast<c10::TensorType>(),
-                        "AdapterConfig: '{}' does not return a single tensor; adapters go after modules that do", path);
+                        "BottleneckConfig: '{}' does not return a single tensor; adapters go after modules that do", path);
       insert(injection, config, path, call);
     });
     for (const auto& l : injection.layers()) size_layer(l, config);
     injection.train_modules_to_save(config.modules_to_save());
   }
 
-  std::string method() const override { return "Adapter"; }
+  std::string method() const override { return "Bottleneck"; }
+
+  std::vector<io::StateEntry> state(const std::vector<jit::AdapterLayer>& layers) const override {
+    std::vector<io::StateEntry> out;
+    for (const auto& l : layers)
+      for (const char* part : {"down", "up"})
+        for (const char* p : {"weight", "bias"})
+          out.push_back(jit::attr_entry(l, fmt::format("adapter_{}.{}", part, p), fmt::format("adapter_{}_{}", part, p)));
+    return out;
+  }
+
+  /// The sizes the file states: hidden_size and bottleneck_size as built.
+  void describe(nlohmann::json& config, const std::vector<jit::AdapterLayer>& layers) const override {
+    const torch::Tensor down = layers.front().module.attr("adapter_down_weight").toTensor();
+    config["hidden_size"] = down.size(1);
+    config["bottleneck_size"] = down.size(0);
+  }
 
  private:
   /// The submodules forward calls, found on a scratch copy of the graph.
@@ -141,7 +157,7 @@ class Tuner : public jit::Tuner {
   }
 
   /// Adds the layer (sized later) and routes the call's output through it.
-  void insert(jit::Injection& injection, const AdapterConfig& config, const std::string& path, jit::Node* call) {
+  void insert(jit::Injection& injection, const BottleneckConfig& config, const std::string& path, jit::Node* call) {
     const auto placeholder = torch::empty({0});
     injection.add_layer(path, "BottleneckAdapter",
                         {{"adapter_down_weight", placeholder}, {"adapter_down_bias", placeholder.clone()},
@@ -154,14 +170,14 @@ class Tuner : public jit::Tuner {
   }
 
   /// Creates the layer's parameters once the hidden width is known.
-  void size_layer(const jit::AdapterLayer& layer, const AdapterConfig& config) {
+  void size_layer(const jit::AdapterLayer& layer, const BottleneckConfig& config) {
     const int64_t hidden = config.hidden_size() > 0 ? config.hidden_size() : inferred_width(layer);
     check<ModelError>(hidden > 0,
-                      "AdapterConfig: cannot tell the output width of '{}' (it does not end in a linear layer); set "
-                      "AdapterConfig.hidden_size",
+                      "BottleneckConfig: cannot tell the output width of '{}' (it does not end in a linear layer); set "
+                      "BottleneckConfig.hidden_size",
                       layer.target);
     const torch::TensorOptions like = (*model_.parameters().begin()).options();
-    Adapter native(AdapterOptions(hidden)
+    Bottleneck native(BottleneckOptions(hidden)
                        .bottleneck(config.bottleneck_size())
                        .reduction_factor(config.reduction_factor())
                        .activation(config.activation())
@@ -186,5 +202,5 @@ class Tuner : public jit::Tuner {
   std::vector<std::pair<jit::Node*, std::string>> call_nodes_;
 };
 
-}  // namespace adapter
+}  // namespace bottleneck
 }  // namespace peft
