@@ -1,11 +1,12 @@
 # Shared set-up for the project's own tests, examples and benchmarks.
 
-# Parsing torch's headers costs ~30 s per translation unit on 2 cores, so one
-# precompiled header is built once and reused by every internal target.
+# Parsing torch's headers costs ~30 s per translation unit on 2 cores, and the
+# library's own headers more each method, so one precompiled header (torch and
+# <peft/peft.h>) is built once and reused by every internal target.
 add_library(peft_pch OBJECT ${PROJECT_SOURCE_DIR}/cmake/pch.cpp)
 target_link_libraries(peft_pch PUBLIC peft::peft)
 target_compile_options(peft_pch PRIVATE -Wall -Wextra -Wno-unused-parameter -Wno-array-bounds)
-target_precompile_headers(peft_pch PUBLIC <torch/torch.h> <torch/script.h> <fmt/format.h>)
+target_precompile_headers(peft_pch PUBLIC <torch/torch.h> <torch/script.h> <fmt/format.h> <peft/peft.h>)
 
 # PEFT_SANITIZE=address;undefined instruments the project's own code (LibTorch
 # itself is not instrumented; fuzz/lsan.supp suppresses leaks inside it only).
