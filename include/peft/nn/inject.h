@@ -130,7 +130,9 @@ class Injection {
 
   /// HF's `bias` field: the bias of every module ("all") or of the adapted layers only.
   void train_biases(bool only_adapted) {
-    for (const auto& [path, m] : modules_of(model_)) {
+    for (const auto& entry : modules_of(model_)) {
+      const std::string& path = entry.first;
+      const auto& m = entry.second;
       const bool adapted =
           std::any_of(layers_.begin(), layers_.end(), [&](const AttachedAdapter& l) { return l.target == path; });
       if (only_adapted && !adapted) continue;
