@@ -1,6 +1,6 @@
 #pragma once
 /// @file
-/// Umbrella header: `#include <peft/peft.h>` brings in the whole public API.
+/// Umbrella header: including peft/peft.h brings in the whole public API.
 
 #include <peft/core/error.h>
 #include <peft/core/mask.h>
