@@ -100,6 +100,19 @@ inline torch::jit::Module model_with_fc(const std::vector<std::pair<std::string,
   return root;
 }
 
+/// A model's forward output on `inputs`, as a tensor (PeftModel or torch::jit::Module).
+template <typename Model>
+torch::Tensor run(Model& model, const std::vector<torch::jit::IValue>& inputs) {
+  return model.forward(inputs).toTensor();
+}
+
+/// Moves every trainable tensor by `scale`·N(0, 1) (so files carry non-trivial data); seeded when `seed` >= 0.
+inline void randomise(peft::PeftModel& model, double scale = 0.2, int64_t seed = -1) {
+  torch::NoGradGuard no_grad;
+  if (seed >= 0) torch::manual_seed(seed);
+  for (auto& p : model.trainable_parameters()) p.add_(torch::randn_like(p) * scale);
+}
+
 /// A fresh, empty temporary directory.
 inline std::filesystem::path fresh_dir(const std::string& name) {
   std::filesystem::path dir = std::filesystem::temp_directory_path() / ("peft_test_" + name);

@@ -1,7 +1,9 @@
 #pragma once
 // The three fixture architectures of tools/export_fixtures.py written in torch::nn
 // with peft::nn layers and the same module names, so the exports' weights load
-// by name and the outputs match (the native backend's test models).
+// by name and the outputs match (the native backend's test models). Each declares
+// the sites of peft/nn/sites.h: prompt at the body, prefix in every attention,
+// bottleneck adapters after the attention and MLP sublayers.
 #include <peft/peft.h>
 #include <torch/script.h>
 #include <torch/torch.h>
@@ -21,32 +23,37 @@ inline torch::Tensor split_heads(const torch::Tensor& x, int64_t heads) {
 inline torch::Tensor merge_heads(const torch::Tensor& x) {
   return x.transpose(1, 2).contiguous().view({x.size(0), x.size(2), x.size(1) * x.size(3)});
 }
-inline torch::Tensor causal_scores(const torch::Tensor& scores, int64_t t, const torch::Device& device) {
-  auto causal = torch::ones({t, t}, torch::TensorOptions().dtype(torch::kBool).device(device)).tril();
-  return scores.masked_fill(causal.logical_not(), -1e9);
+/// scores [B, H, t, P + t] with the future masked; the P prefix positions (site's) stay visible.
+inline torch::Tensor causal_scores(const torch::Tensor& scores, int64_t t, peft::nn::PrefixSite& site) {
+  auto causal = torch::ones({t, t}, torch::TensorOptions().dtype(torch::kBool).device(scores.device())).tril();
+  return scores.masked_fill(site.extend_mask(causal, 1.0).logical_not(), -1e9);
 }
 
 // ------------------------------------------------------------------ GPT-2
-struct GPT2AttentionImpl : torch::nn::Module {
+struct GPT2AttentionImpl : torch::nn::Module, peft::nn::PrefixSite, peft::nn::OutputSite {
   GPT2AttentionImpl()
-      : c_attn(register_module("c_attn", peft::nn::Conv1D(kHidden, 3 * kHidden))),
+      : PrefixSite(kHeads, kHeadDim),
+        OutputSite(kHidden),
+        c_attn(register_module("c_attn", peft::nn::Conv1D(kHidden, 3 * kHidden))),
         c_proj(register_module("c_proj", peft::nn::Conv1D(kHidden, kHidden))) {}
   torch::Tensor forward(const torch::Tensor& x) {
     auto qkv = c_attn(x).split(kHidden, 2);
     auto q = split_heads(qkv[0], kHeads), k = split_heads(qkv[1], kHeads), v = split_heads(qkv[2], kHeads);
+    std::tie(k, v) = add_prefix(k, v);
     auto scores = torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(kHidden / kHeads));
-    scores = causal_scores(scores, x.size(1), x.device());
-    return c_proj(merge_heads(torch::matmul(torch::softmax(scores, -1), v)));
+    scores = causal_scores(scores, x.size(1), *this);
+    return adapted_output(c_proj(merge_heads(torch::matmul(torch::softmax(scores, -1), v))));
   }
   peft::nn::Conv1D c_attn, c_proj;
 };
 TORCH_MODULE(GPT2Attention);
 
-struct GPT2MLPImpl : torch::nn::Module {
+struct GPT2MLPImpl : torch::nn::Module, peft::nn::OutputSite {
   GPT2MLPImpl()
-      : c_fc(register_module("c_fc", peft::nn::Conv1D(kHidden, 4 * kHidden))),
+      : OutputSite(kHidden),
+        c_fc(register_module("c_fc", peft::nn::Conv1D(kHidden, 4 * kHidden))),
         c_proj(register_module("c_proj", peft::nn::Conv1D(4 * kHidden, kHidden))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return c_proj(torch::gelu(c_fc(x))); }
+  torch::Tensor forward(const torch::Tensor& x) { return adapted_output(c_proj(torch::gelu(c_fc(x)))); }
   peft::nn::Conv1D c_fc, c_proj;
 };
 TORCH_MODULE(GPT2MLP);
@@ -68,20 +75,22 @@ struct GPT2BlockImpl : torch::nn::Module {
 };
 TORCH_MODULE(GPT2Block);
 
-struct GPT2BodyImpl : torch::nn::Module {
+struct GPT2BodyImpl : torch::nn::Module, peft::nn::PromptSite {
   GPT2BodyImpl()
-      : wte(register_module("wte", torch::nn::Embedding(kVocab, kHidden))),
+      : wte(register_module("wte", peft::nn::Embedding(kVocab, kHidden))),
         wpe(register_module("wpe", torch::nn::Embedding(kMaxPos, kHidden))),
         h(register_module("h", torch::nn::ModuleList())),
         ln_f(register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({kHidden})))) {
     for (int64_t i = 0; i < kLayers; ++i) h->push_back(GPT2Block());
   }
   torch::Tensor forward(const torch::Tensor& ids) {
-    auto x = wte(ids) + wpe(torch::arange(ids.size(1), ids.options())).unsqueeze(0);
+    auto x = add_prompt(wte(ids) + wpe(torch::arange(ids.size(1), ids.options())).unsqueeze(0));
     for (const auto& block : *h) x = block->as<GPT2BlockImpl>()->forward(x);
-    return ln_f(x);
+    return ln_f(drop_prompt(x));
   }
-  torch::nn::Embedding wte, wpe;
+  torch::Tensor input_embeddings_weight() override { return wte->weight; }
+  peft::nn::Embedding wte;
+  torch::nn::Embedding wpe;
   torch::nn::ModuleList h;
   torch::nn::LayerNorm ln_f;
 };
@@ -100,7 +109,7 @@ TORCH_MODULE(GPT2);
 // ------------------------------------------------------------------- BERT
 struct BertEmbeddingsImpl : torch::nn::Module {
   BertEmbeddingsImpl()
-      : word_embeddings(register_module("word_embeddings", torch::nn::Embedding(kVocab, kHidden))),
+      : word_embeddings(register_module("word_embeddings", peft::nn::Embedding(kVocab, kHidden))),
         position_embeddings(register_module("position_embeddings", torch::nn::Embedding(kMaxPos, kHidden))),
         token_type_embeddings(register_module("token_type_embeddings", torch::nn::Embedding(2, kHidden))),
         LayerNorm(register_module("LayerNorm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({kHidden}).eps(1e-12)))),
@@ -110,22 +119,25 @@ struct BertEmbeddingsImpl : torch::nn::Module {
              token_type_embeddings(torch::zeros_like(ids));
     return dropout(LayerNorm(x));
   }
-  torch::nn::Embedding word_embeddings, position_embeddings, token_type_embeddings;
+  peft::nn::Embedding word_embeddings;
+  torch::nn::Embedding position_embeddings, token_type_embeddings;
   torch::nn::LayerNorm LayerNorm;
   torch::nn::Dropout dropout;
 };
 TORCH_MODULE(BertEmbeddings);
 
-struct BertSelfAttentionImpl : torch::nn::Module {
+struct BertSelfAttentionImpl : torch::nn::Module, peft::nn::PrefixSite {
   BertSelfAttentionImpl()
-      : query(register_module("query", peft::nn::Linear(kHidden, kHidden))),
+      : PrefixSite(kHeads, kHeadDim),
+        query(register_module("query", peft::nn::Linear(kHidden, kHidden))),
         key(register_module("key", peft::nn::Linear(kHidden, kHidden))),
         value(register_module("value", peft::nn::Linear(kHidden, kHidden))),
         dropout(register_module("dropout", torch::nn::Dropout(0.1))) {}
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& additive_mask) {
     auto q = split_heads(query(x), kHeads), k = split_heads(key(x), kHeads), v = split_heads(value(x), kHeads);
+    std::tie(k, v) = add_prefix(k, v);
     auto scores = torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(kHeadDim));
-    return merge_heads(torch::matmul(dropout(torch::softmax(scores + additive_mask, -1)), v));
+    return merge_heads(torch::matmul(dropout(torch::softmax(scores + extend_mask(additive_mask, 0.0), -1)), v));
   }
   peft::nn::Linear query, key, value;
   torch::nn::Dropout dropout;
@@ -146,10 +158,11 @@ struct BertSelfOutputImpl : torch::nn::Module {
 };
 TORCH_MODULE(BertSelfOutput);
 
-struct BertAttentionImpl : torch::nn::Module {
+struct BertAttentionImpl : torch::nn::Module, peft::nn::OutputSite {
   BertAttentionImpl()
-      : self(register_module("self", BertSelfAttention())), output(register_module("output", BertSelfOutput(kHidden))) {}
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask) { return output(self(x, mask), x); }
+      : OutputSite(kHidden),
+        self(register_module("self", BertSelfAttention())), output(register_module("output", BertSelfOutput(kHidden))) {}
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask) { return adapted_output(output(self(x, mask), x)); }
   BertSelfAttention self;
   BertSelfOutput output;
 };
@@ -189,16 +202,17 @@ struct BertEncoderImpl : torch::nn::Module {
 };
 TORCH_MODULE(BertEncoder);
 
-struct BertImpl : torch::nn::Module {
+struct BertImpl : torch::nn::Module, peft::nn::PromptSite {
   BertImpl() : embeddings(register_module("embeddings", BertEmbeddings())), encoder(register_module("encoder", BertEncoder())) {}
   torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& attention_mask) {
-    auto x = embeddings(ids);
-    auto additive = (1.0 - attention_mask.index({torch::indexing::Slice(), torch::indexing::None, torch::indexing::None,
+    auto x = add_prompt(embeddings(ids));
+    auto additive = (1.0 - extend_mask(attention_mask).index({torch::indexing::Slice(), torch::indexing::None, torch::indexing::None,
                                                  torch::indexing::Slice()})
                                .to(x.scalar_type())) *
                     -10000.0;
-    return encoder(x, additive);
+    return drop_prompt(encoder(x, additive));
   }
+  torch::Tensor input_embeddings_weight() override { return embeddings->word_embeddings->weight; }
   BertEmbeddings embeddings;
   BertEncoder encoder;
 };
@@ -219,9 +233,11 @@ inline torch::Tensor rotate_half(const torch::Tensor& x) {
   return torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
 }
 
-struct LlamaAttentionImpl : torch::nn::Module {
+struct LlamaAttentionImpl : torch::nn::Module, peft::nn::PrefixSite, peft::nn::OutputSite {
   LlamaAttentionImpl()
-      : q_proj(register_module("q_proj", linear(kHidden, kHeads * kHeadDim))),
+      : PrefixSite(kKvHeads, kHeadDim),
+        OutputSite(kHidden),
+        q_proj(register_module("q_proj", linear(kHidden, kHeads * kHeadDim))),
         k_proj(register_module("k_proj", linear(kHidden, kKvHeads * kHeadDim))),
         v_proj(register_module("v_proj", linear(kHidden, kKvHeads * kHeadDim))),
         o_proj(register_module("o_proj", linear(kHeads * kHeadDim, kHidden))),
@@ -240,22 +256,24 @@ struct LlamaAttentionImpl : torch::nn::Module {
     auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;
+    std::tie(k, v) = add_prefix(k, v);
     k = k.repeat_interleave(kHeads / kKvHeads, 1);
     v = v.repeat_interleave(kHeads / kKvHeads, 1);
-    auto scores = causal_scores(torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(kHeadDim)), t, x.device());
-    return o_proj(merge_heads(torch::matmul(torch::softmax(scores, -1), v)));
+    auto scores = causal_scores(torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(kHeadDim)), t, *this);
+    return adapted_output(o_proj(merge_heads(torch::matmul(torch::softmax(scores, -1), v))));
   }
   peft::nn::Linear q_proj, k_proj, v_proj, o_proj;
   torch::Tensor inv_freq;
 };
 TORCH_MODULE(LlamaAttention);
 
-struct LlamaMLPImpl : torch::nn::Module {
+struct LlamaMLPImpl : torch::nn::Module, peft::nn::OutputSite {
   LlamaMLPImpl()
-      : gate_proj(register_module("gate_proj", LlamaAttentionImpl::linear(kHidden, 2 * kHidden))),
+      : OutputSite(kHidden),
+        gate_proj(register_module("gate_proj", LlamaAttentionImpl::linear(kHidden, 2 * kHidden))),
         up_proj(register_module("up_proj", LlamaAttentionImpl::linear(kHidden, 2 * kHidden))),
         down_proj(register_module("down_proj", LlamaAttentionImpl::linear(2 * kHidden, kHidden))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return down_proj(torch::silu(gate_proj(x)) * up_proj(x)); }
+  torch::Tensor forward(const torch::Tensor& x) { return adapted_output(down_proj(torch::silu(gate_proj(x)) * up_proj(x))); }
   peft::nn::Linear gate_proj, up_proj, down_proj;
 };
 TORCH_MODULE(LlamaMLP);
@@ -277,19 +295,20 @@ struct LlamaDecoderLayerImpl : torch::nn::Module {
 };
 TORCH_MODULE(LlamaDecoderLayer);
 
-struct LlamaModelImpl : torch::nn::Module {
+struct LlamaModelImpl : torch::nn::Module, peft::nn::PromptSite {
   LlamaModelImpl()
-      : embed_tokens(register_module("embed_tokens", torch::nn::Embedding(kVocab, kHidden))),
+      : embed_tokens(register_module("embed_tokens", peft::nn::Embedding(kVocab, kHidden))),
         layers(register_module("layers", torch::nn::ModuleList())),
         norm(register_module("norm", RMSNorm())) {
     for (int64_t i = 0; i < kLayers; ++i) layers->push_back(LlamaDecoderLayer());
   }
   torch::Tensor forward(const torch::Tensor& ids) {
-    auto x = embed_tokens(ids);
+    auto x = add_prompt(embed_tokens(ids));
     for (const auto& l : *layers) x = l->as<LlamaDecoderLayerImpl>()->forward(x);
-    return norm(x);
+    return norm(drop_prompt(x));
   }
-  torch::nn::Embedding embed_tokens;
+  torch::Tensor input_embeddings_weight() override { return embed_tokens->weight; }
+  peft::nn::Embedding embed_tokens;
   torch::nn::ModuleList layers;
   RMSNorm norm;
 };

@@ -17,21 +17,16 @@
 
 namespace {
 
+using peft_test::run;
+using peft_test::randomise;
+
 using peft_test::expect_error;
 
 namespace fs = std::filesystem;
 
 using peft_test::fresh_dir;
 
-torch::Tensor run(peft::PeftModel& model, const std::vector<torch::jit::IValue>& inputs) {
-  return model.forward(inputs).toTensor();
-}
 
-/// Gives every trainable tensor random values (so files carry non-trivial data).
-void randomise(peft::PeftModel& model, double scale = 0.2) {
-  torch::NoGradGuard no_grad;
-  for (auto& p : model.trainable_parameters()) p.add_(torch::randn_like(p) * scale);
-}
 
 
 // ------------------------------------------------------------ safetensors

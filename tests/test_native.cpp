@@ -13,6 +13,7 @@
 namespace {
 
 using peft_test::expect_error;
+const auto kNF4 = peft::NF4Config().blocksize(32);
 namespace fs = std::filesystem;
 namespace twins = peft_test::twins;
 
@@ -25,10 +26,48 @@ std::vector<std::pair<std::string, peft::PeftConfig>> native_configs(const std::
   const std::string ff = arch == "gpt2" ? "c_fc" : arch == "bert" ? "output.dense" : "down_proj";
   std::vector<std::string> ia3_targets = targets;
   if (arch != "gpt2") ia3_targets.push_back(ff);
+  const std::string embedding = arch == "gpt2" ? "wte" : arch == "bert" ? "word_embeddings" : "embed_tokens";
+  const std::string sublayers = arch == "bert" ? "encoder\\.layer\\.\\d+\\.attention" : ".*\\.(attn|self_attn|mlp)";
   return {{"lora", peft::LoraConfig().r(4).lora_alpha(8).target_modules(targets).modules_to_save(saved)},
           {"dora", peft::LoraConfig().r(2).use_dora(true).target_modules(targets)},
+          {"lora_embedding", peft::LoraConfig().r(4).lora_alpha(8).target_modules({embedding, targets.front()})},
+          {"qlora", peft::LoraConfig().r(4).lora_alpha(8).target_modules(targets).quantize_base(kNF4)},
           {"ia3", peft::IA3Config().target_modules(ia3_targets).feedforward_modules({ff})},
-          {"vera", peft::VeraConfig().r(8).target_modules(targets).projection_prng_key(5)}};
+          {"vera", peft::VeraConfig().r(8).target_modules(targets).projection_prng_key(5)},
+          {"bitfit", peft::BitFitConfig().norm(true)},
+          {"bottleneck", peft::BottleneckConfig().target_modules(sublayers).bottleneck_size(8)},
+          {"prompt", peft::PromptTuningConfig().num_virtual_tokens(3)},
+          {"prefix", peft::PrefixTuningConfig().num_virtual_tokens(3)}};
+}
+
+/// Methods that add positions or sublayers: not neutral at init (prompt, prefix) and never merged (HF peft).
+bool adds_positions(const std::string& method) { return method == "prompt" || method == "prefix"; }
+bool mergeable(const std::string& method) { return !adds_positions(method) && method != "bottleneck"; }
+
+/// The paths of `net`'s layers holding an NF4 weight.
+std::vector<std::string> quantized_layers(torch::nn::Module& net) {
+  std::vector<std::string> out;
+  for (const auto& m : net.named_modules())
+    if (auto* layer = dynamic_cast<peft::nn::AdaptedLayer*>(m.value().get()); layer && layer->quantized()) out.push_back(m.key());
+  return out;
+}
+
+/// `layers` of `net` given NF4 weights (quantize() when `in_place`, else their dense round trip, for references).
+void to_nf4(torch::nn::Module& net, const std::vector<std::string>& layers, bool in_place) {
+  auto modules = net.named_modules();
+  for (const auto& path : layers) {
+    auto& layer = dynamic_cast<peft::nn::AdaptedLayer&>(*modules[path]);
+    torch::NoGradGuard no_grad;
+    if (in_place) layer.quantize(kNF4, path);
+    else layer.weight.copy_(peft::nf4::dequantize(peft::nf4::quantize(layer.weight, kNF4)));
+  }
+}
+
+/// Each tensor's key and shape in an adapter folder's weights file.
+std::map<std::string, std::vector<int64_t>> keys_and_shapes(const fs::path& dir) {
+  std::map<std::string, std::vector<int64_t>> out;
+  for (const auto& [key, t] : peft::io::load_safetensors(dir / peft::io::kWeightsFile).tensors) out[key] = t.sizes().vec();
+  return out;
 }
 
 class NativeTest : public ::testing::TestWithParam<std::string> {
@@ -85,7 +124,15 @@ TEST_P(NativeTest, EveryMethodNeutralTrainsMergesDisablesAndUnmerges) {
     std::map<std::string, torch::Tensor> original;
     for (const auto& p : net->named_parameters()) original[p.key()] = p.value().detach().clone();
     peft::nn::PeftModel model = peft::get_peft_model(net, config);
-    {
+    if (method == "qlora") {  // the base is now the NF4 one: the same model with each weight's NF4 round trip
+      const auto layers = quantized_layers(*net);
+      ASSERT_EQ(layers.size(), 4u) << "two targets in each of two layers";
+      auto reference = twin();
+      to_nf4(*reference, layers, /*in_place=*/false);
+      torch::NoGradGuard no_grad;
+      before = run(*reference);
+    }
+    if (!adds_positions(method)) {
       torch::NoGradGuard no_grad;
       EXPECT_TRUE(torch::equal(run(*net), before)) << "neutral init changed the output";
     }
@@ -106,11 +153,17 @@ TEST_P(NativeTest, EveryMethodNeutralTrainsMergesDisablesAndUnmerges) {
       EXPECT_TRUE(torch::equal(run(*net), before)) << "disabled";
     }
     EXPECT_TRUE(torch::equal(run(*net), adapted));
+    if (!mergeable(method)) {
+      expect_error<peft::ModelError>([&] { model.merge_adapter(); }, {"cannot be merged"});
+      expect_error<peft::ModelError>([&] { model.merge_and_unload(); }, {"cannot be merged"});
+      continue;
+    }
     model.merge_adapter();
     EXPECT_TRUE(torch::allclose(run(*net), adapted, 1e-5, 1e-5)) << "merged";
     model.unmerge_adapter();
     for (const auto& [name, value] : original)
-      if (name.find(".default.") == std::string::npos && !trainable.count(net->named_parameters()[name].unsafeGetTensorImpl())) {
+      if (name.find(".default.") == std::string::npos && net->named_parameters()[name].numel() > 0 &&
+          !trainable.count(net->named_parameters()[name].unsafeGetTensorImpl())) {
         EXPECT_TRUE(torch::allclose(net->named_parameters()[name], value, 1e-6, 1e-6)) << "unmerge: " << name;
       }
     auto merged = model.merge_and_unload();
@@ -124,6 +177,7 @@ TEST_P(NativeTest, EveryMethodNeutralTrainsMergesDisablesAndUnmerges) {
 TEST_P(NativeTest, OneAdapterFileGivesEqualOutputsInTorchScriptAndNative) {
   for (const auto& [method, config] : native_configs(arch)) {
     SCOPED_TRACE(method);
+    if (method == "lora_embedding") continue;  // the TorchScript backend has no LoRA on embeddings (HF's check: RealHfPeftNative)
     const fs::path from_native = peft_test::fresh_dir("native_" + arch + "_" + method),
                    from_jit = peft_test::fresh_dir("jit_" + arch + "_" + method);
     auto net = twin();
@@ -132,18 +186,48 @@ TEST_P(NativeTest, OneAdapterFileGivesEqualOutputsInTorchScriptAndNative) {
     model.save_pretrained(from_native);
     torch::NoGradGuard no_grad;
     const torch::Tensor native_out = run(*net);
-    peft::PeftModel jit = peft::PeftModel::from_pretrained(peft_test::load_fixture(arch, "scripted"), from_native);
+    // QLoRA's file is a LoRA file (HF keeps the quantisation with the base): each side loads it over its NF4 base.
+    const auto jit_base = config.prepare_base(peft_test::load_fixture(arch, "scripted"));
+    peft::PeftModel jit = peft::PeftModel::from_pretrained(jit_base, from_native);
     jit.eval();
     const torch::Tensor jit_out = jit.forward(ref.inputs).toTensor();
     EXPECT_TRUE(torch::allclose(jit_out, native_out, 1e-5, 1e-5)) << (jit_out - native_out).abs().max().item<double>();
     EXPECT_EQ(jit.adapter_config_json("default"), model.adapter_config_json("default"));
-    // and back: the TorchScript model's file into a fresh native twin
     jit.save_pretrained(from_jit);
+    EXPECT_EQ(keys_and_shapes(from_native), keys_and_shapes(from_jit))
+        << "the native file's keys differ from the TorchScript model's (which the HF layout check covers)";
+    // and back: the TorchScript model's file into a fresh native twin
     auto other = twin();
+    to_nf4(*other, quantized_layers(*net), /*in_place=*/true);
     peft::nn::PeftModel loaded = peft::nn::PeftModel::from_pretrained(other, from_jit);
     loaded.eval();
     EXPECT_TRUE(torch::allclose(run(*other), jit_out, 1e-5, 1e-5));
   }
+}
+
+// Files written by native models load in the real HF peft (PyPI) on the Python model with the same
+// module names, with equal outputs (tools/check_real_peft.py; the methods HF peft has on nn.Linear layers).
+TEST(RealHfPeftNative, HfLoadsFilesOfNativeModels) {
+  PEFT_REQUIRE_REFERENCE_PYTHON();
+  const fs::path dir = peft_test::fresh_dir("native_for_real_peft");
+  for (const std::string arch : {"llama", "bert"}) {
+    const auto exported = peft_test::load_fixture(arch, "scripted");
+    const auto ref = peft_test::load_reference(arch);
+    for (const auto& [method, config] : native_configs(arch)) {
+      if (method != "lora" && method != "dora" && method != "ia3" && method != "vera" && method != "lora_embedding") continue;
+      auto net = twins::make(arch, exported);
+      peft::nn::PeftModel model = peft::get_peft_model(net, config);
+      torch::manual_seed(7);
+      {
+        torch::NoGradGuard no_grad;  // every adapter tensor away from its neutral value
+        for (auto& p : model.trainable_parameters()) p.add_(0.05 * torch::randn_like(p));
+      }
+      model.save_pretrained(dir / (arch + "_" + method));
+      torch::NoGradGuard no_grad;
+      peft_test::save_io(dir / (arch + "_" + method) / "io.pt", ref.inputs, twins::run(arch, *net, ref.inputs));
+    }
+  }
+  EXPECT_EQ(peft_test::run_reference_tool("check_real_peft.py verify " + dir.string()), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Twins, NativeTest, ::testing::Values("gpt2", "bert", "llama"));
@@ -200,8 +284,17 @@ TEST(NativeLayers, PlainLinearStillHeldIsATypedErrorAndAFreeOneIsReplaced) {
 TEST(NativeLayers, MethodsWithoutANativeLayerSaySo) {
   auto net = twins::make("llama", peft_test::load_fixture("llama", "scripted"));
   expect_error<peft::OptionError>(
-      [&] { auto m = peft::get_peft_model(net, peft::PromptTuningConfig().num_virtual_tokens(2)); },
-      {"PromptTuning", "not available for torch::nn models yet"});
+      [&] { auto m = peft::get_peft_model(net, peft::PrefixTuningConfig().num_virtual_tokens(2).prefix_projection(true)); },
+      {"prefix_projection", "not available for torch::nn models yet"});
+  auto plain = std::make_shared<torch::nn::Module>();  // no sites: the methods that need them say which
+  plain->register_module("fc", peft::nn::Linear(4, 4));
+  expect_error<peft::ModelError>([&] { auto m = peft::get_peft_model(plain, peft::PromptTuningConfig()); },
+                                 {"peft::nn::PromptSite", "found 0"});
+  expect_error<peft::ModelError>([&] { auto m = peft::get_peft_model(plain, peft::PrefixTuningConfig()); },
+                                 {"peft::nn::PrefixSite"});
+  expect_error<peft::TargetError>(
+      [&] { auto m = peft::get_peft_model(plain, peft::BottleneckConfig().target_modules({"fc"})); },
+      {"'fc'", "peft::nn::OutputSite"});
   expect_error<peft::TargetError>([&] { auto m = peft::get_peft_model(net, peft::LoraConfig().target_modules({"nope"})); },
                                   {"nope"});
   for (const auto& p : net->named_parameters()) EXPECT_EQ(p.key().find(".default."), std::string::npos) << p.key();

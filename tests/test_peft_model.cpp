@@ -12,6 +12,8 @@
 
 namespace {
 
+using peft_test::run;
+
 using peft_test::expect_error;
 
 namespace fs = std::filesystem;
@@ -24,9 +26,6 @@ peft::LoraConfig lora_config(const std::string& arch) {
   return cfg.target_modules({"q_proj", "v_proj"}).modules_to_save({"lm_head"});
 }
 
-torch::Tensor run(peft::PeftModel& model, const std::vector<torch::jit::IValue>& inputs) {
-  return model.forward(inputs).toTensor();
-}
 
 /// A few AdamW steps towards a fixed random target; returns the losses.
 std::vector<double> train(peft::PeftModel& model, const std::vector<torch::jit::IValue>& inputs, int steps,
@@ -160,7 +159,7 @@ torch::jit::Module tiny_model(const torch::Tensor& W, const torch::Tensor& b, bo
 }
 
 /// Gives the single adapter layer random parameters and returns them by name.
-std::map<std::string, torch::Tensor> randomise(peft::PeftModel& model) {
+std::map<std::string, torch::Tensor> random_adapter(peft::PeftModel& model) {
   torch::NoGradGuard no_grad;
   std::map<std::string, torch::Tensor> out;
   for (const auto& p : model.named_trainable_parameters()) {
@@ -180,26 +179,26 @@ TEST(InjectedMath, EqualsFunctionalFormsForLinearAndConv1D) {
     auto f = F::LoraFuncOptions().scaling(2.0).fan_in_fan_out(conv1d);
     {
       auto model = peft::get_peft_model(tiny_model(W, b, conv1d), peft::LoraConfig().r(2).lora_alpha(4).target_modules({"fc"}));
-      auto p = randomise(model);
+      auto p = random_adapter(model);
       EXPECT_TRUE(torch::allclose(run(model, {x}), F::lora(x, W, b, p["lora_A"], p["lora_B"], f), 1e-5, 1e-5));
     }
     {
       auto cfg = peft::LoraConfig().r(2).lora_alpha(4).use_dora(true).target_modules({"fc"});
       auto model = peft::get_peft_model(tiny_model(W, b, conv1d), cfg);
-      auto p = randomise(model);
+      auto p = random_adapter(model);
       auto expected = F::dora(x, W, b, p["lora_A"], p["lora_B"], p["lora_magnitude_vector"], f);
       EXPECT_TRUE(torch::allclose(run(model, {x}), expected, 1e-5, 1e-5)) << "dora conv1d=" << conv1d;
     }
     {
       auto cfg = peft::LoraConfig().r(2).lora_alpha(4).target_modules({"fc"}).slice_pattern({{"fc", {true, false, true}}});
       auto model = peft::get_peft_model(tiny_model(W, b, conv1d), cfg);
-      auto p = randomise(model);
+      auto p = random_adapter(model);
       auto expected = F::lora(x, W, b, p["lora_A"], p["lora_B"], F::LoraFuncOptions(f).enable_slices({true, false, true}));
       EXPECT_TRUE(torch::allclose(run(model, {x}), expected, 1e-5, 1e-5)) << "slices conv1d=" << conv1d;
     }
     {
       auto model = peft::get_peft_model(tiny_model(W, b, conv1d), peft::IA3Config().target_modules({"fc"}).feedforward_modules({"fc"}));
-      auto p = randomise(model);
+      auto p = random_adapter(model);
       EXPECT_TRUE(torch::allclose(run(model, {x}), F::base_linear(F::ia3(x, p["ia3_l"]), W, b, conv1d), 1e-5, 1e-5));
     }
   }
@@ -209,7 +208,7 @@ TEST(InjectedMath, AdapterAfterSubmoduleMatchesFunctional) {
   torch::manual_seed(22);
   auto W = torch::randn({6, 6}), b = torch::randn({6});
   auto model = peft::get_peft_model(tiny_model(W, b, false), peft::BottleneckConfig().target_modules({"fc"}).bottleneck_size(3));
-  auto p = randomise(model);
+  auto p = random_adapter(model);
   auto x = torch::randn({4, 6});
   auto h = peft::functional::base_linear(x, W, b, false);
   auto expected = peft::functional::bottleneck(h, p["adapter_down_weight"], p["adapter_down_bias"], p["adapter_up_weight"],

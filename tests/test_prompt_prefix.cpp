@@ -13,6 +13,8 @@
 
 namespace {
 
+using peft_test::run;
+
 namespace fs = std::filesystem;
 
 constexpr int64_t kPromptTokens = 4, kPrefixTokens = 3;  // as in tools/export_fixtures.py
@@ -37,9 +39,6 @@ class PromptPrefixTest : public peft_test::FixtureModelTest {
   torch::jit::Module refs;
 };
 
-torch::Tensor run(peft::PeftModel& model, const std::vector<torch::jit::IValue>& inputs) {
-  return model.forward(inputs).toTensor();
-}
 
 TEST_P(PromptPrefixTest, PromptEqualsBaseLayersOnPrependedSequence) {
   auto model = peft::get_peft_model(base, peft::PromptTuningConfig().num_virtual_tokens(kPromptTokens));

@@ -16,6 +16,9 @@
 
 namespace {
 
+using peft_test::run;
+using peft_test::randomise;
+
 using peft_test::expect_error;
 using ::testing::HasSubstr;
 using ::testing::Not;
@@ -30,12 +33,6 @@ std::vector<torch::jit::IValue> case_inputs(const std::string& name) {
   return {ids, torch::tensor({{1, 1, 1, 1, 1, 1}, {1, 1, 1, 1, 0, 0}})};
 }
 
-torch::Tensor run(peft::PeftModel& model, const std::vector<torch::jit::IValue>& inputs) {
-  return model.forward(inputs).toTensor();
-}
-torch::Tensor run(torch::jit::Module& model, const std::vector<torch::jit::IValue>& inputs) {
-  return model.forward(inputs).toTensor();
-}
 
 double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
@@ -55,11 +52,6 @@ std::pair<double, double> train(peft::PeftModel& model, const std::vector<torch:
   return {first, last};
 }
 
-void randomise(peft::PeftModel& model) {
-  torch::NoGradGuard no_grad;
-  torch::manual_seed(5);
-  for (auto& p : model.trainable_parameters()) p.add_(0.2 * torch::randn_like(p));
-}
 
 std::vector<std::string> targets_of(const peft::PeftModel& model, const std::string& adapter = "") {
   std::vector<std::string> out;
@@ -173,7 +165,7 @@ TEST(TargetRules, ModulesToSaveWarnsAboutKeysThatMatchNothingWhileOneMatches) {
 TEST(TargetRules, AFileMayNameTargetsAndModulesThisModelLacksWhileOneMatches) {
   peft::PeftModel model = peft::get_peft_model(
       load_case("bert_cls"), peft::LoraConfig().r(4).target_modules({"query", "value"}).modules_to_save({"classifier"}));
-  randomise(model);
+  randomise(model, 0.2, /*seed=*/5);
   model.eval();
   const auto inputs = case_inputs("bert_cls");
   const torch::Tensor expected = run(model, inputs).detach();
@@ -337,7 +329,7 @@ TEST(CombinedAdapters, MergedEqualsUnmergedForEveryCombinationAccepted) {
     peft::PeftModel model = peft::get_peft_model(peft_test::load_fixture("llama", "scripted"), c.a);
     model.add_adapter("b", c.b);
     model.set_adapter({"default", "b"});
-    randomise(model);
+    randomise(model, 0.2, /*seed=*/5);
     model.eval();
     torch::NoGradGuard no_grad;
     const torch::Tensor unmerged = run(model, ref.inputs);
@@ -377,7 +369,7 @@ TEST(CombinedAdapters, AnInactiveAdaptersTrainedCopiesLeaveTheModel) {
   torch::jit::Module plain = load_case("mlp");
   const torch::Tensor base_out = run(plain, inputs);
   peft::PeftModel model = peft::get_peft_model(load_case("mlp"), peft::LoraConfig().r(2).target_modules({"fc1"}).modules_to_save({"head"}));
-  randomise(model);
+  randomise(model, 0.2, /*seed=*/5);
   model.add_adapter("b", peft::LoraConfig().r(2).target_modules({"fc2"}));  // B = 0: changes nothing
   model.set_adapter("b");
   model.eval();
@@ -399,7 +391,7 @@ TEST(CombinedAdapters, AnInactiveAdaptersTrainedCopiesLeaveTheModel) {
 TEST(CombinedAdapters, AnAdapterThatFailsToAddLeavesTheOthersAsTheyWere) {
   const auto inputs = case_inputs("mlp");
   peft::PeftModel model = peft::get_peft_model(load_case("mlp"), peft::LoraConfig().r(2).target_modules({"fc1"}));
-  randomise(model);
+  randomise(model, 0.2, /*seed=*/5);
   model.eval();
   torch::NoGradGuard no_grad;
   const torch::Tensor before = run(model, inputs);

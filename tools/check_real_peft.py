@@ -6,7 +6,7 @@
     check_real_peft.py write DIR    # HF peft's get_peft_model + save_pretrained on the eager fixtures,
                                     # with the outputs C++ must reproduce
 
-Only LoRA, DoRA and IA3 on nn.Linear layers (the LLaMA and BERT fixtures) are compared: HF peft
+Only LoRA, DoRA, IA3 and VeRA on nn.Linear layers (the LLaMA and BERT fixtures) are compared: HF peft
 handles custom modules through their nn.Linear children, while its prompt learning needs a
 transformers model and its Conv1D support transformers' own class. Exit status 1 on a mismatch,
 3 when peft is missing.
@@ -27,7 +27,7 @@ except ImportError:
     print("peft is not installed")
     sys.exit(3)
 
-COMPARED = {("llama", "LORA"), ("bert", "LORA"), ("bert", "IA3")}
+COMPARED = {("llama", "LORA"), ("bert", "LORA"), ("llama", "IA3"), ("bert", "IA3"), ("llama", "VERA"), ("bert", "VERA")}
 
 
 def inputs_of(io):

@@ -4,7 +4,7 @@
 // SpamAssassin corpus, whose hard ham it misclassifies, with LoRA, bottleneck
 // adapters or prompt tuning. Only the adapter and the head train and are saved.
 //
-//   peft-native [--method lora|adapter|prompt] [--epochs 3] [--out runs/native]
+//   peft-native [--method lora|adapter|prompt] [--epochs 3] [--max-emails 0] [--out runs/native]
 #include <CLI/CLI.hpp>
 #include <peft/peft.h>
 
@@ -122,9 +122,11 @@ int run(int argc, char** argv) {
   app.option_defaults()->always_capture_default();  // --help shows each default
   std::string method = "lora", assets = PEFT_ASSETS_DIR, out = "runs/native";
   int epochs = 3, threads = 2;
+  size_t max_emails = 0;
   app.add_option("--method", method, "PEFT method: LoRA on every projection, bottleneck adapters, or prompt tuning")
       ->check(CLI::IsMember({"lora", "adapter", "prompt"}));
   app.add_option("--epochs", epochs, "epochs of adaptation (the base: twice as many)")->check(CLI::PositiveNumber);
+  app.add_option("--max-emails", max_emails, "use at most N emails of each split (0 = all; quick runs)");
   app.add_option("--out", out, "for base.pt (reused when present) and adapter.safetensors");
   app.add_option("--threads", threads, "CPU threads for OpenMP and OpenBLAS (0 = all cores)")->check(CLI::NonNegativeNumber);
   app.add_option("--assets", assets, "where scripts/fetch_assets.sh unpacked the model and data");
@@ -135,6 +137,11 @@ int run(int argc, char** argv) {
   auto corpus = load_spam_assassin(std::filesystem::path(assets) / "spam-assassin");
   const UseTokenizer tokenizer(std::filesystem::path(assets) / "use-lite/dist/vocab.json");
   std::shuffle(corpus.train.begin(), corpus.train.end(), std::mt19937(0));
+  if (max_emails > 0) {  // a random N of each split, so that every group stays
+    std::shuffle(corpus.test.begin(), corpus.test.end(), std::mt19937(1));
+    corpus.train.resize(std::min(max_emails, corpus.train.size()));
+    corpus.test.resize(std::min(max_emails, corpus.test.size()));
+  }
   auto batches = [&](const auto& emails, auto keep) { return make_batches_if(emails, tokenizer, kMaxTokens, 32, keep); };
   auto hard_ham = [](const std::string& group) { return group == "hard-ham-1"; };
   auto any = [](const std::string&) { return true; };

@@ -118,6 +118,11 @@ class PeftModel : public peft::detail::PeftModelBase<PeftModel, NamedAdapter> {
   /// Folds the active adapters into their layers' weights. With `safe_merge`,
   /// ModelError (nothing merged) if a merged weight would hold NaN or infinity.
   void merge_adapter(bool safe_merge = false) {
+    for (const auto& name : active_)
+      check<ModelError>(require(name)->tuner->mergeable(),
+                        "adapter '{}' ({}) cannot be merged into the base weights (as in HF peft): it adds positions or "
+                        "a sublayer, not a weight update",
+                        name, require(name)->tuner->method());
     if (safe_merge)
       for (const auto& name : active_)
         for (const auto& l : require(name)->tuner->layers()) check_merge_is_finite(name, l);
@@ -167,7 +172,7 @@ class PeftModel : public peft::detail::PeftModelBase<PeftModel, NamedAdapter> {
         for (const auto& n : per_sample) mask.push_back(n == a.name ? 1.0f : 0.0f);
         for (const auto& l : a.tuner->layers()) {
           auto* slot = l.layer->slots().find(a.name);
-          slot->sample_mask = torch::tensor(mask).to(l.layer->weight_tensor().device());
+          slot->sample_mask = torch::tensor(mask).to(options_of(*l.module).device());
           slot->active = true;
         }
       }
@@ -264,9 +269,18 @@ class PeftModel : public peft::detail::PeftModelBase<PeftModel, NamedAdapter> {
   /// safe_merge: ModelError when merging adapter `name` into `l` gives a non-finite weight.
   static void check_merge_is_finite(const std::string& name, const AttachedAdapter& l) {
     torch::NoGradGuard no_grad;
-    torch::Tensor weight = l.layer->weight_tensor().clone(), bias = l.layer->bias_tensor();
+    if (const auto* table = dynamic_cast<const EmbeddingImpl*>(l.layer)) {
+      torch::Tensor weight = table->weight.clone();
+      dynamic_cast<EmbeddingAdapter&>(*l.module).merge(weight);
+      check<ModelError>(torch::isfinite(weight).all().item<bool>(),
+                        "safe_merge: merging adapter '{}' into '{}' gives NaN or infinite weights; nothing was merged", name,
+                        l.target);
+      return;
+    }
+    const auto& layer = dynamic_cast<const AdaptedLayer&>(*l.layer);
+    torch::Tensor weight = layer.frozen_weight().to(layer.weight.scalar_type(), false, /*copy=*/true), bias = layer.bias;
     if (bias.defined()) bias = bias.clone();
-    Tuner::adapter(l).merge(weight, bias, l.layer->fan_in_fan_out());
+    dynamic_cast<LinearAdapter&>(*l.module).merge(weight, bias, layer.fan_in_fan_out());
     check<ModelError>(torch::isfinite(weight).all().item<bool>() && (!bias.defined() || torch::isfinite(bias).all().item<bool>()),
                       "safe_merge: merging adapter '{}' into '{}' gives NaN or infinite weights; nothing was merged", name,
                       l.target);

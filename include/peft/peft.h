@@ -14,7 +14,10 @@
 #include <peft/io/module_state.h>
 #include <peft/io/safetensors.h>
 #include <peft/quant/nf4.h>
+#include <peft/nn/embedding.h>
 #include <peft/nn/linear.h>
+#include <peft/nn/sites.h>
+#include <peft/nn/slots.h>
 #include <peft/tuner.h>
 
 // The methods: one line each registers a method (its folder's method.h).

@@ -4,6 +4,7 @@
 /// "BITFIT", a method HF peft lacks) and its TorchScript tuner.
 
 #include <peft/bitfit/inject.h>
+#include <peft/bitfit/native.h>
 #include <peft/tuner.h>
 
 namespace peft {
@@ -17,6 +18,8 @@ struct Method<BitFitConfig> : MethodDefaults<BitFitConfig> {
   static constexpr const char* name = "BitFit";
   /// The TorchScript tuner.
   using JitTuner = bitfit::Tuner;
+  /// The torch::nn tuner (see peft/nn/sites.h for what the model provides).
+  static constexpr auto native_tuner = &bitfit::native_tuner;
 
   /// HF's config fields beyond the common ones.
   static nlohmann::json to_json(const BitFitConfig& c) {

@@ -4,6 +4,7 @@
 /// (peft_type "BOTTLENECK_ADAPTER", fields in HF's style) and its TorchScript tuner.
 
 #include <peft/bottleneck/inject.h>
+#include <peft/bottleneck/native.h>
 #include <peft/tuner.h>
 
 namespace peft {
@@ -17,6 +18,8 @@ struct Method<BottleneckConfig> : MethodDefaults<BottleneckConfig> {
   static constexpr const char* name = "Bottleneck";
   /// The TorchScript tuner.
   using JitTuner = bottleneck::Tuner;
+  /// The torch::nn tuner (see peft/nn/sites.h for what the model provides).
+  static constexpr auto native_tuner = &bottleneck::native_tuner;
 
   /// HF's names of the enum's values.
   static const std::vector<std::pair<std::string, BottleneckActivation>>& activations() {

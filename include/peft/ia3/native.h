@@ -61,7 +61,7 @@ inline std::unique_ptr<nn::Tuner> native_tuner(nn::Injection& injection, const I
     const bool ff = !config.feedforward_modules().empty() && config.feedforward_modules().matches(target);
     const auto [in, out] = layer->features();
     auto adapter = std::make_shared<NativeLayerImpl>(ff ? in : out, ff);
-    adapter->to(layer->weight_tensor().device(), layer->weight_tensor().scalar_type());
+    adapter->to(layer->weight.device(), layer->weight.scalar_type());
     if (!config.init_ia3_weights()) {
       torch::NoGradGuard no_grad;
       adapter->ia3_l.add_(0.02 * torch::randn_like(adapter->ia3_l));

@@ -72,6 +72,18 @@ inline torch::Tensor lora_delta_weight(const torch::Tensor& A, const torch::Tens
   return options.fan_in_fan_out() ? delta.t() : delta;
 }
 
+/// LoRA on an embedding (HF peft's lora.Embedding): scaling · embedding(ids, Aᵀ)·Bᵀ
+/// for integer ids [...] -> [..., dim], with A [r, num_embeddings], B [dim, r] (no dropout, as HF).
+inline torch::Tensor lora_embedding_branch(const torch::Tensor& ids, const torch::Tensor& A, const torch::Tensor& B,
+                                           double scaling) {
+  return torch::matmul(torch::embedding(A.t(), ids), B.t()) * scaling;
+}
+
+/// The embedding's update ΔW = scaling·(B·A)ᵀ, shaped like the table [num_embeddings, dim].
+inline torch::Tensor lora_embedding_delta(const torch::Tensor& A, const torch::Tensor& B, double scaling) {
+  return torch::matmul(B, A).t() * scaling;
+}
+
 /// The LoRA branch alone: scaling · x·Aᵀ·Bᵀ for x [..., in] (no dropout).
 inline torch::Tensor lora_branch(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& B,
                                  const LoraFuncOptions& options = {}) {

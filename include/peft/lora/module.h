@@ -138,7 +138,7 @@ class LoRALinearImpl : public torch::nn::Module {
     torch::NoGradGuard no_grad;
     torch::Tensor& W = base->weight;
     if (requantized_) {
-      copy_state(*quantized_, before_merge_);
+      nf4::copy_values(*quantized_, before_merge_);
       requantized_ = false;
     } else if (quantized_) {
       W.set_data(torch::empty({0}, W.options()));
@@ -220,16 +220,10 @@ class LoRALinearImpl : public torch::nn::Module {
       return;
     }
     before_merge_ = nf4::deep_copy(*quantized_);
-    copy_state(*quantized_, nf4::quantize_like(merged, *quantized_));
+    nf4::copy_values(*quantized_, nf4::quantize_like(merged, *quantized_));
     requantized_ = true;
     warn("LoRALinear merge re-quantises the NF4 base weight: max |error| {:.3g}",
          (nf4::dequantize(*quantized_).to(torch::kFloat) - merged).abs().max().item<double>());
-  }
-
-  static void copy_state(nf4::Quantized& to, const nf4::Quantized& from) {
-    to.packed.copy_(from.packed);
-    to.absmax.copy_(from.absmax);
-    if (from.double_quant()) to.nested_absmax.copy_(from.nested_absmax), to.nested_offset.copy_(from.nested_offset);
   }
 
   void init_factors(int64_t in, int64_t out) {
@@ -293,13 +287,13 @@ class LoRAEmbeddingImpl : public torch::nn::Module {
       return detail::fail_backward_merged(base->forward(input_ids),
                                           detail::merged_layer_message("LoRAEmbedding", "lora_embedding_A, lora_embedding_B"));
     if (merged_) return base->forward(input_ids);
-    torch::Tensor after_A = torch::embedding(lora_embedding_A.t(), input_ids);
-    return base->forward(input_ids) + torch::matmul(after_A, lora_embedding_B.t()) * options_.scaling();
+    return base->forward(input_ids) +
+           functional::lora_embedding_branch(input_ids, lora_embedding_A, lora_embedding_B, options_.scaling());
   }
 
   /// ΔW = scaling·(B·A)ᵀ, shaped like the embedding table [num, dim].
   torch::Tensor delta_weight() const {
-    return torch::matmul(lora_embedding_B, lora_embedding_A).t() * options_.scaling();
+    return functional::lora_embedding_delta(lora_embedding_A, lora_embedding_B, options_.scaling());
   }
 
   /// Folds the update into the table. Merging twice is a no-op.

@@ -86,22 +86,104 @@ class NativeLayerImpl : public torch::nn::Cloneable<NativeLayerImpl>, public nn:
   torch::Tensor dora_scale_;  // DoRA: m/‖W + ΔW‖ at merge time, shaped like the weight
 };
 
-/// LoRA on the targeted peft::nn linear layers of a torch::nn model.
+/// One LoRA adapter of one peft::nn::Embedding (HF peft's lora.Embedding):
+/// `lora_embedding_A` [r, num], `lora_embedding_B` [dim, r]; y + s·embedding(ids, Aᵀ)·Bᵀ.
+class NativeEmbeddingImpl : public torch::nn::Cloneable<NativeEmbeddingImpl>, public nn::EmbeddingAdapter {
+ public:
+  /// Factors for a table of `num` rows of width `dim`, drawn as HF peft draws them (A zero, B ~ N(0, 1);
+  /// LoraInit::Random: both Gaussian; LoraInit::Zero: both zero).
+  NativeEmbeddingImpl(LoraOptions options, int64_t num, int64_t dim) : options_(std::move(options)), num_(num), dim_(dim) {
+    check<OptionError>(!options_.use_dora() && options_.enable_slices().empty() && options_.init_lora_weights() != LoraInit::PiSSA,
+                       "LoRA on an embedding: use_dora, slice_pattern and LoraInit::PiSSA apply to linear layers only");
+    reset();
+    torch::NoGradGuard no_grad;
+    if (options_.init_lora_weights() == LoraInit::Random) torch::nn::init::normal_(lora_embedding_A);
+    if (options_.init_lora_weights() != LoraInit::Zero) torch::nn::init::normal_(lora_embedding_B);
+  }
+
+  /// Registers the factors, zero (clone() calls it, then copies the values).
+  void reset() override {
+    lora_embedding_A = register_parameter("lora_embedding_A", torch::zeros({options_.r(), num_}));
+    lora_embedding_B = register_parameter("lora_embedding_B", torch::zeros({dim_, options_.r()}));
+  }
+
+  torch::Tensor output(const torch::Tensor& ids, const torch::Tensor& y) override {
+    return y + functional::lora_embedding_branch(ids, lora_embedding_A, lora_embedding_B, options_.scaling()).to(y.scalar_type());
+  }
+  void merge(torch::Tensor& weight) override {
+    weight.add_(functional::lora_embedding_delta(lora_embedding_A, lora_embedding_B, options_.scaling()).to(weight.scalar_type()));
+  }
+  void unmerge(torch::Tensor& weight) override {
+    weight.sub_(functional::lora_embedding_delta(lora_embedding_A, lora_embedding_B, options_.scaling()).to(weight.scalar_type()));
+  }
+  /// HF's keys: `<prefix>lora_embedding_A`, `<prefix>lora_embedding_B` (no `.weight`).
+  std::vector<io::StateEntry> state(const std::string& prefix) override {
+    return {io::plain_entry(prefix + "lora_embedding_A", lora_embedding_A),
+            io::plain_entry(prefix + "lora_embedding_B", lora_embedding_B)};
+  }
+
+  torch::Tensor lora_embedding_A;  ///< Trainable A [r, num_embeddings].
+  torch::Tensor lora_embedding_B;  ///< Trainable B [embedding_dim, r].
+
+ private:
+  LoraOptions options_;
+  int64_t num_, dim_;
+};
+
+/// QLoRA: the targeted layers (or, with quantize_all_linear, every peft::nn
+/// linear layer but the output head) get an NF4 weight; modules_to_save stay dense.
+inline void quantize_targets(nn::Injection& injection, const LoraConfig& config,
+                             const std::vector<std::pair<std::string, nn::AdaptedLayer*>>& targets) {
+  const NF4Config& nf4 = *config.quantize_base();
+  nf4.validate("LoraConfig.quantize_base");
+  auto layers = targets;
+  if (nf4.quantize_all_linear())
+    layers = injection.linear_targets(injection.rule(TargetRule{TargetModules("all-linear"), {}, {}, {}}), "LoraConfig.quantize_base");
+  for (const auto& [path, layer] : layers)
+    if (!layer->quantized() && std::none_of(config.modules_to_save().begin(), config.modules_to_save().end(),
+                                            [&](const std::string& key) { return TargetModules::matches_key(path, key); }))
+      layer->quantize(nf4, "LoraConfig.quantize_base on '" + path + "'");
+}
+
+/// LoRA (QLoRA with quantize_base) on the targeted peft::nn linear layers of a torch::nn model.
 inline std::unique_ptr<nn::Tuner> native_tuner(nn::Injection& injection, const LoraConfig& config) {
-  check<OptionError>(!config.quantize_base(), "LoraConfig.quantize_base: QLoRA on torch::nn models is not available yet "
-                                              "(use the TorchScript route, or peft::LoRALinear with LoraOptions::quantize_base)");
-  const auto targets = injection.linear_targets(injection.rule(config.rule()), "LoraConfig");
+  std::vector<std::pair<std::string, nn::AdaptedLayer*>> targets;  // linear layers; embeddings are attached here
   std::vector<std::string> names;
-  for (const auto& t : targets) names.push_back(t.first);
+  for (const auto& [path, host] : injection.layer_targets(injection.rule(config.rule()), "LoraConfig", /*embeddings=*/true)) {
+    names.push_back(path);
+    if (auto* layer = dynamic_cast<nn::AdaptedLayer*>(host)) {
+      targets.emplace_back(path, layer);
+      continue;
+    }
+    auto& table = dynamic_cast<nn::EmbeddingImpl&>(*host);
+    LoraOptions options = config.options_for(path);
+    options.validate(table.options.num_embeddings(), table.options.embedding_dim(), "LoraConfig target '" + path + "'",
+                     /*warn_rank=*/!injection.from_file());
+    auto adapter = std::make_shared<NativeEmbeddingImpl>(options, table.options.num_embeddings(), table.options.embedding_dim());
+    adapter->to(table.weight.device(), table.weight.scalar_type());
+    injection.attach(path, host, adapter);
+  }
   report_unmatched(unmatched_keys(config.rank_pattern(), names), injection.from_file(), "LoraConfig.rank_pattern", names);
   report_unmatched(unmatched_keys(config.alpha_pattern(), names), injection.from_file(), "LoraConfig.alpha_pattern", names);
   for (const auto& [target, layer] : targets) {
     const auto [in, out] = layer->features();
     LoraOptions options = config.options_for(target);
     options.validate(in, out, "LoraConfig target '" + target + "'", /*warn_rank=*/!injection.from_file());
-    auto adapter = std::make_shared<NativeLayerImpl>(options, in, out);
-    adapter->to(layer->weight_tensor().device(), layer->weight_tensor().scalar_type());
-    adapter->init({layer->weight_tensor(), layer->bias_tensor(), layer->fan_in_fan_out()});
+    check<OptionError>(!config.quantize_base() || options.init_lora_weights() != LoraInit::PiSSA,
+                       "LoraConfig target '{}': LoraInit::PiSSA rewrites the base weight, which quantize_base makes NF4",
+                       target);
+  }
+  if (config.quantize_base()) quantize_targets(injection, config, targets);
+  for (const auto& [target, layer] : targets) {
+    const auto [in, out] = layer->features();
+    auto adapter = std::make_shared<NativeLayerImpl>(config.options_for(target), in, out);
+    adapter->to(layer->weight.device(), layer->weight.scalar_type());
+    if (layer->quantized()) {
+      const torch::Tensor W = layer->frozen_weight().to(layer->weight.scalar_type());
+      adapter->init({W, layer->bias, layer->fan_in_fan_out()});
+    } else {
+      adapter->init({layer->weight, layer->bias, layer->fan_in_fan_out()});
+    }
     injection.attach(target, layer, adapter);
   }
   if (config.bias() != LoraBias::None) injection.train_biases(/*only_adapted=*/config.bias() == LoraBias::LoraOnly);

@@ -8,6 +8,7 @@
 #include <peft/core/error.h>
 #include <peft/core/match.h>
 #include <peft/io/adapter_files.h>
+#include <peft/nn/embedding.h>
 #include <peft/nn/linear.h>
 #include <torch/torch.h>
 
@@ -19,10 +20,10 @@
 namespace peft {
 namespace nn {
 
-/// One adapter layer: the adapted layer's path, the layer, and the adapter module in its slot.
+/// One attached adapter: its host's path, the host, and the adapter module in its slot.
 struct AttachedAdapter {
-  std::string target;                         ///< dotted path of the adapted layer
-  AdaptedLayer* layer;                        ///< the layer (owned by the model)
+  std::string target;                         ///< dotted path of the host (adapted layer or site)
+  AdapterHost* layer;                         ///< the host (owned by the model)
   std::shared_ptr<torch::nn::Module> module;  ///< the adapter in its slot
 };
 
@@ -44,6 +45,19 @@ inline std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> m
   return out;
 }
 
+/// The device and dtype of `module`'s first parameter (CPU fp32 without one): where its adapters go.
+inline torch::TensorOptions options_of(torch::nn::Module& module) {
+  for (const auto& p : module.parameters())
+    if (p.defined() && p.is_floating_point()) return p.options();
+  return torch::TensorOptions();
+}
+
+/// Whether `path` names an output head by HF's convention (`lm_head`), which "all-linear" leaves out.
+inline bool is_output_head_name(const std::string& path) {
+  const auto dot = path.rfind('.');
+  return (dot == std::string::npos ? path : path.substr(dot + 1)) == "lm_head";
+}
+
 /// Builds one adapter on a torch::nn model.
 class Injection {
  public:
@@ -61,32 +75,49 @@ class Injection {
   /// Whether the config was read from a file.
   bool from_file() const { return from_file_; }
 
-  /// The peft::nn linear layers `rule` targets, by path. A targeted plain
-  /// torch::nn::Linear is replaced by a peft::nn::Linear sharing its tensors
-  /// when nothing but its parent holds it; ModelError naming the module when
-  /// something still does (a typed member would keep running the old layer).
+  /// The peft::nn linear layers `rule` targets, by path ("all-linear": all but an
+  /// `lm_head`). A targeted plain torch::nn::Linear is replaced by a
+  /// peft::nn::Linear sharing its tensors when nothing but its parent holds it;
+  /// ModelError naming the module when something still does (a typed member
+  /// would keep running the old layer).
   std::vector<std::pair<std::string, AdaptedLayer*>> linear_targets(const TargetRule& rule, const std::string& method) {
-    std::vector<std::string> names, linear;
+    std::vector<std::pair<std::string, AdaptedLayer*>> out;
+    for (const auto& [path, host] : layer_targets(rule, method, /*embeddings=*/false))
+      out.emplace_back(path, dynamic_cast<AdaptedLayer*>(host));
+    return out;
+  }
+
+  /// linear_targets() with peft::nn::Embedding layers (and plain torch::nn::Embedding,
+  /// replaced by the same rule) eligible too, as for HF's LoRA; "all-linear" selects linear layers only.
+  std::vector<std::pair<std::string, AdapterHost*>> layer_targets(const TargetRule& rule, const std::string& method,
+                                                                  bool embeddings) {
+    std::vector<std::string> names, eligible;
+    const bool all_linear = rule.target_modules.is_all_linear();
     for (const auto& [path, m] : modules_of(model_)) {
       names.push_back(path);
-      if (dynamic_cast<AdaptedLayer*>(m.get()) || dynamic_cast<torch::nn::LinearImpl*>(m.get())) linear.push_back(path);
+      const bool linear = dynamic_cast<AdaptedLayer*>(m.get()) || dynamic_cast<torch::nn::LinearImpl*>(m.get());
+      const bool embedding = dynamic_cast<EmbeddingImpl*>(m.get()) || dynamic_cast<torch::nn::EmbeddingImpl*>(m.get());
+      if (linear ? !(all_linear && is_output_head_name(path)) : embeddings && embedding && !all_linear)
+        eligible.push_back(path);
     }
-    std::vector<std::pair<std::string, AdaptedLayer*>> out;
-    for (const auto& target : select_targets(names, linear, rule, method, "linear layer")) {
+    std::vector<std::pair<std::string, AdapterHost*>> out;
+    for (const auto& target : select_targets(names, eligible, rule, method, embeddings ? "linear or embedding layer" : "linear layer")) {
       auto module = submodule(target);
-      auto* layer = dynamic_cast<AdaptedLayer*>(module.get());
-      if (!layer) {
-        auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(module);
-        module.reset();  // so that plain's count says who else holds the layer
-        layer = replace_plain_linear(target, std::move(plain));
+      auto* host = dynamic_cast<AdapterHost*>(module.get());
+      if (!host) {
+        auto plain_linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(module);
+        auto plain_embedding = std::dynamic_pointer_cast<torch::nn::EmbeddingImpl>(module);
+        module.reset();  // so that the plain layer's count says who else holds it
+        host = plain_linear ? replace_plain(target, std::move(plain_linear), "Linear")
+                            : replace_plain(target, std::move(plain_embedding), "Embedding");
       }
-      out.emplace_back(target, layer);
+      out.emplace_back(target, host);
     }
     return out;
   }
 
-  /// Puts `adapter` (a Cloneable module implementing LinearAdapter) into `layer`'s slot.
-  void attach(const std::string& target, AdaptedLayer* layer, std::shared_ptr<torch::nn::Module> adapter) {
+  /// Puts `adapter` (a Cloneable module implementing the host's adapter interface) into `layer`'s slot.
+  void attach(const std::string& target, AdapterHost* layer, std::shared_ptr<torch::nn::Module> adapter) {
     layer->slots().add(dynamic_cast<torch::nn::Module&>(*layer), name_, adapter, "'" + target + "'");
     layers_.push_back({target, layer, std::move(adapter)});
   }
@@ -141,6 +172,34 @@ class Injection {
     }
   }
 
+  /// The modules of type `Host` (a site of peft/nn/sites.h) among those `rule`
+  /// selects, by path: TargetError when the rule matches none of them.
+  template <typename Host>
+  std::vector<std::pair<std::string, Host*>> host_targets(const TargetRule& rule, const std::string& method,
+                                                          const std::string& kind) {
+    std::vector<std::string> names, hosts;
+    for (const auto& [path, m] : modules_of(model_)) {
+      names.push_back(path);
+      if (dynamic_cast<Host*>(m.get())) hosts.push_back(path);
+    }
+    std::vector<std::pair<std::string, Host*>> out;
+    for (const auto& target : select_targets(names, hosts, rule, method, kind))
+      out.emplace_back(target, dynamic_cast<Host*>(submodule(target).get()));
+    return out;
+  }
+
+  /// Every module of type `Host` in the model (the root's path is ""), in module order.
+  template <typename Host>
+  std::vector<std::pair<std::string, Host*>> all_hosts() const {
+    std::vector<std::pair<std::string, Host*>> out;
+    for (const auto& m : model_.named_modules("", /*include_self=*/true))
+      if (auto* host = dynamic_cast<Host*>(m.value().get())) out.emplace_back(m.key(), host);
+    return out;
+  }
+
+  /// The model adapters are added to.
+  torch::nn::Module& model() const { return model_; }
+
   /// The adapter layers attached so far.
   const std::vector<AttachedAdapter>& layers() const { return layers_; }
   /// The base tensors trained in place.
@@ -165,27 +224,31 @@ class Injection {
                            module, attribute, path, p.key(), module);
   }
 
-  /// `plain` swapped for a peft::nn::Linear with the same tensors, when its parent is its only holder.
-  AdaptedLayer* replace_plain_linear(const std::string& path, std::shared_ptr<torch::nn::LinearImpl> plain) {
+  /// `plain` (torch::nn::Linear or Embedding) swapped for the peft::nn layer with
+  /// the same options and tensors, when its parent is its only holder.
+  template <typename Plain>
+  AdapterHost* replace_plain(const std::string& path, std::shared_ptr<Plain> plain, const char* type) {
     const auto dot = path.rfind('.');
     auto parent = dot == std::string::npos ? std::shared_ptr<torch::nn::Module>() : submodule(path.substr(0, dot));
     torch::nn::Module& owner = parent ? *parent : model_;
     const std::string child = dot == std::string::npos ? path : path.substr(dot + 1);
-    auto adapted = std::make_shared<LinearImpl>(plain->options);
-    adapted->weight.set_data(plain->weight);  // the same storage: nothing copied
-    adapted->weight.set_requires_grad(plain->weight.requires_grad());
-    if (plain->bias.defined()) {
-      adapted->bias.set_data(plain->bias);
-      adapted->bias.set_requires_grad(plain->bias.requires_grad());
+    using Ours = std::conditional_t<std::is_same<Plain, torch::nn::LinearImpl>::value, LinearImpl, EmbeddingImpl>;
+    auto adapted = std::make_shared<Ours>(plain->options);
+    const auto theirs = plain->named_parameters(/*recurse=*/false);
+    for (auto& p : adapted->named_parameters(/*recurse=*/false)) {  // the same storage: nothing copied
+      const torch::Tensor* t = theirs.find(p.key());
+      if (!t) continue;
+      p.value().set_data(*t);
+      p.value().set_requires_grad(t->requires_grad());
     }
     owner.replace_module(child, adapted);
     if (plain.use_count() > 1) {  // a typed member or a container (Sequential, ModuleList) still runs it
       owner.replace_module(child, plain);
       throw ModelError(fmt::format(
-          "'{}' is a torch::nn::Linear that the model still holds (a typed member, or a Sequential / ModuleList), so "
-          "an adapter put in its place would never run; declare it as peft::nn::Linear (same options, parameters "
+          "'{}' is a torch::nn::{} that the model still holds (a typed member, or a Sequential / ModuleList), so "
+          "an adapter put in its place would never run; declare it as peft::nn::{} (same options, parameters "
           "and state dict) and get_peft_model fills its adapter slot",
-          path));
+          path, type, type));
     }
     return adapted.get();
   }
@@ -218,8 +281,12 @@ class Tuner {
   /// Adds to the config's JSON what the config does not say (sizes read off the model).
   virtual void describe(nlohmann::json& /*config*/) const {}
 
-  /// The layer adapter in `l`'s slot.
-  static LinearAdapter& adapter(const AttachedAdapter& l) { return *dynamic_cast<LinearAdapter*>(l.module.get()); }
+  /// Whether merge_adapter() can fold this method into the base weights (not so
+  /// for adapters that sit beside the weights: bottleneck, prompt, prefix).
+  virtual bool mergeable() const { return true; }
+
+  /// The adapter in `l`'s slot.
+  static SlotAdapter& adapter(const AttachedAdapter& l) { return *dynamic_cast<SlotAdapter*>(l.module.get()); }
 
  private:
   std::string method_;

@@ -10,6 +10,8 @@
 #include <peft/core/merged_guard.h>
 #include <peft/core/shape.h>
 #include <peft/io/adapter_files.h>
+#include <peft/nn/slots.h>
+#include <peft/quant/nf4.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -31,9 +33,8 @@ struct LinearBase {
 /// What a method attaches to a linear layer (one per method, in its folder): a
 /// `torch::nn::Cloneable` module that also implements this interface. It is a
 /// submodule of the layer, under the adapter's name, holding its own parameters.
-class LinearAdapter {
+class LinearAdapter : public SlotAdapter {
  public:
-  virtual ~LinearAdapter() = default;
   /// The layer's input after this adapter (IA3 on feed-forward layers scales it); default: x.
   virtual torch::Tensor input(const torch::Tensor& x) { return x; }
   /// The layer's output y [..., out] for input x [..., in] after this adapter; default: y.
@@ -42,129 +43,137 @@ class LinearAdapter {
   virtual void merge(torch::Tensor& weight, torch::Tensor& bias, bool fan_in_fan_out) = 0;
   /// Undoes merge() (up to rounding).
   virtual void unmerge(torch::Tensor& weight, torch::Tensor& bias, bool fan_in_fan_out) = 0;
-  /// Its tensors under HF peft's keys, each `prefix` (`base_model.model.<layer path>.`) + its name.
-  virtual std::vector<io::StateEntry> state(const std::string& prefix) = 0;
 };
 
-namespace detail {
-
-/// The adapter slots of a layer, by adapter name, in the order they were added.
-class AdapterSlots {
+/// What peft::nn::Linear and peft::nn::Conv1D share: the frozen `weight` and
+/// `bias`, the adapter slots, merging, and QLoRA's NF4 weight (quantize()).
+class AdaptedLayer : public AdapterHost {
  public:
-  struct Slot {
-    std::string name;
-    std::shared_ptr<torch::nn::Module> module;  ///< the adapter as a module (its parameters)
-    LinearAdapter* adapter;                     ///< the same object, as an adapter
-    bool active = true;
-    bool merged = false;
-    torch::Tensor sample_mask;  ///< [B] 0/1 while a mixed-adapter batch runs, else undefined
-  };
+  /// `fan_in_fan_out`: the weight is stored [in, out] (GPT-2's Conv1D).
+  explicit AdaptedLayer(bool fan_in_fan_out) : fan_in_fan_out_(fan_in_fan_out) {}
 
-  /// Registers `module` (a Cloneable module implementing LinearAdapter) on `owner`
-  /// as submodule `name`. OptionError when the name is taken.
-  void add(torch::nn::Module& owner, const std::string& name, std::shared_ptr<torch::nn::Module> module,
-           const std::string& layer) {
-    check<OptionError>(!find(name) && !owner.named_children().contains(name) && name != "weight" && name != "bias",
-                       "{}: adapter name '{}' is taken", layer, name);
-    auto* adapter = dynamic_cast<LinearAdapter*>(module.get());
-    check<OptionError>(adapter != nullptr, "{}: adapter '{}' is not a peft::nn::LinearAdapter", layer, name);
-    owner.register_module(name, module);
-    slots_.push_back({name, std::move(module), adapter, true, false, torch::Tensor()});
+  /// in_features, out_features.
+  virtual std::pair<int64_t, int64_t> features() const = 0;
+  /// Whether the weight is stored [in, out].
+  bool fan_in_fan_out() const { return fan_in_fan_out_; }
+
+  /// The weight forward uses: `weight`, or the NF4 one dequantised (in its compute dtype).
+  torch::Tensor frozen_weight() const { return nf4_ && weight.numel() == 0 ? nf4::dequantize(*nf4_) : weight; }
+  /// QLoRA: the NF4 state of the weight (nullopt when dense).
+  const c10::optional<nf4::Quantized>& quantized() const { return nf4_; }
+
+  /// QLoRA's frozen base (bitsandbytes' Linear4bit): the weight moves into NF4
+  /// buffers (`weight_nf4`, `weight_absmax`, and with double quantisation
+  /// `weight_nested_absmax`, `weight_nested_offset`) and `weight` is emptied
+  /// (its dtype and device kept). OptionError for a bad config or a layer that is
+  /// quantised already or holds adapters.
+  void quantize(const NF4Config& config, const std::string& where) {
+    check<OptionError>(!nf4_ && slots_.all().empty(), "{}: the layer is quantised already or holds adapters", where);
+    config.validate(where);
+    requantize_on_merge_ = config.requantize_on_merge();
+    nf4_ = nf4::quantize(weight, config);
+    register_nf4(*nf4_);
+    weight.set_data(torch::empty({0}, weight.options()));
   }
 
-  /// Removes adapter `name` (unmerged first by the caller).
-  void remove(torch::nn::Module& owner, const std::string& name) {
-    owner.unregister_module(name);
-    slots_.erase(std::remove_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.name == name; }), slots_.end());
-  }
-
-  Slot* find(const std::string& name) {
-    for (auto& s : slots_)
-      if (s.name == name) return &s;
-    return nullptr;
-  }
-  std::vector<Slot>& all() { return slots_; }
-  const std::vector<Slot>& all() const { return slots_; }
-
-  /// The layer's output with the active, unmerged adapters; `linear(h)` computes the frozen layer.
-  template <typename Linear>
-  torch::Tensor run(const torch::Tensor& x, const LinearBase& base, Linear linear, bool training,
-                    const std::string& layer) {
-    torch::Tensor h = x;
-    for (auto& s : slots_)
-      if (applies(s)) h = masked(s, s.adapter->input(h), h);
-    torch::Tensor y = linear(h);
-    for (auto& s : slots_)
-      if (applies(s)) y = masked(s, s.adapter->output(x, y, base), y);
-    if (!detail_merged() || !peft::detail::records_training(training)) return y;
-    return peft::detail::fail_backward_merged(y, peft::detail::merged_layer_message(layer, "its adapter parameters"));
-  }
-
-  /// Merges adapter `name` into the weights (a no-op when merged).
-  void merge(const std::string& name, torch::Tensor& weight, torch::Tensor& bias, bool fan_in_fan_out) {
-    Slot* s = find(name);
+  /// Merges adapter `name` into the weight; QLoRA: into a dense copy in the
+  /// weight's dtype (or, with requantize_on_merge, back into NF4: lossy, warns).
+  void merge_adapter(const std::string& name) override {
+    auto* s = slots_.find(name);
     if (!s || s->merged) return;
     torch::NoGradGuard no_grad;
-    s->adapter->merge(weight, bias, fan_in_fan_out);
+    if (nf4_ && weight.numel() == 0) {
+      nf4::Quantized fp32 = *nf4_;
+      fp32.dtype = torch::kFloat;
+      weight.set_data(nf4::dequantize(fp32).to(weight.scalar_type()));
+    }
+    s->as<LinearAdapter>().merge(weight, bias, fan_in_fan_out_);
     s->merged = true;
+    if (nf4_ && requantize_on_merge_) requantize();
   }
 
-  /// Unmerges every merged adapter, last added first.
-  void unmerge_all(torch::Tensor& weight, torch::Tensor& bias, bool fan_in_fan_out) {
+  /// Unmerges every merged adapter, last added first; an NF4 weight is restored exactly.
+  void unmerge_adapters() override {
     torch::NoGradGuard no_grad;
-    for (auto it = slots_.rbegin(); it != slots_.rend(); ++it)
+    if (nf4_) {
+      if (requantized_) nf4::copy_values(*nf4_, before_merge_);
+      requantized_ = false;
+      weight.set_data(torch::empty({0}, weight.options()));
+    }
+    auto& all = slots_.all();
+    for (auto it = all.rbegin(); it != all.rend(); ++it)
       if (it->merged) {
-        it->adapter->unmerge(weight, bias, fan_in_fan_out);
+        if (!nf4_) it->as<LinearAdapter>().unmerge(weight, bias, fan_in_fan_out_);
         it->merged = false;
       }
   }
 
-  /// Registers copies of the adapters on `owner` (a clone's reset(), whose slots
-  /// still point at the original's adapters).
-  void recreate(torch::nn::Module& owner) {
-    for (auto& s : slots_) {
-      s.module = s.module->clone();
-      s.adapter = dynamic_cast<LinearAdapter*>(s.module.get());
-      owner.register_module(s.name, s.module);
+  torch::Tensor weight;  ///< [out, in] ([in, out] with fan_in_fan_out); empty while quantised to NF4
+  torch::Tensor bias;    ///< [out], undefined without bias
+
+ protected:
+  /// y = base(x) with the active, unmerged adapters; `product(h, W, b)` is the frozen layer's op.
+  /// With a merged adapter in training mode, backward throws ModelError (unmerge first).
+  template <typename Product>
+  torch::Tensor run(const torch::Tensor& x, Product product, bool training, const char* layer) {
+    const torch::Tensor W = frozen_weight();
+    const bool cast = W.scalar_type() != x.scalar_type();  // QLoRA with a compute dtype
+    const torch::Tensor W_x = cast ? W.to(x.scalar_type()) : W;
+    const LinearBase base{W_x, bias, fan_in_fan_out_};
+    torch::Tensor h = x;
+    for (const auto& s : slots_.all())
+      if (s.applies()) h = detail::AdapterSlots::masked(s, s.as<LinearAdapter>().input(h), h);
+    torch::Tensor y = cast ? product(h.to(W.scalar_type()), W, bias.defined() ? bias.to(W.scalar_type()) : bias)
+                                 .to(x.scalar_type())
+                           : product(h, W, bias);
+    for (const auto& s : slots_.all())
+      if (s.applies()) y = detail::AdapterSlots::masked(s, s.as<LinearAdapter>().output(x, y, base), y);
+    if (!slots_.any_merged() || !peft::detail::records_training(training)) return y;
+    return peft::detail::fail_backward_merged(y, peft::detail::merged_layer_message(layer, "its adapter parameters"));
+  }
+
+  /// ", <adapter>[ (merged)]..., nf4)" for pretty_print.
+  void print_adapters(std::ostream& stream) const {
+    for (const auto& s : slots_.all()) stream << ", " << s.name << (s.merged ? " (merged)" : "");
+    if (nf4_) stream << ", nf4";
+    stream << ")";
+  }
+
+  /// A clone's reset(): the adapters and the NF4 buffers registered again (clone() then copies the values).
+  void reset_adapters(torch::nn::Module& self) {
+    slots_.recreate(self);
+    if (nf4_) {
+      nf4_ = nf4::deep_copy(*nf4_);
+      register_nf4(*nf4_);
     }
   }
 
  private:
-  static bool applies(const Slot& s) { return s.active && !s.merged; }
-  bool detail_merged() const {
-    return std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.merged; });
-  }
-  /// `adapted` where the sample's mask is 1, `plain` elsewhere (exactly).
-  static torch::Tensor masked(const Slot& s, const torch::Tensor& adapted, const torch::Tensor& plain) {
-    if (!s.sample_mask.defined()) return adapted;
-    std::vector<int64_t> shape(static_cast<size_t>(adapted.dim()), 1);
-    shape[0] = -1;
-    return torch::where(s.sample_mask.reshape(shape) > 0.5, adapted, plain);
+  void register_nf4(const nf4::Quantized& q) {
+    auto& self = dynamic_cast<torch::nn::Module&>(*this);
+    self.register_buffer("weight_nf4", q.packed);
+    self.register_buffer("weight_absmax", q.absmax);
+    if (q.double_quant()) {
+      self.register_buffer("weight_nested_absmax", q.nested_absmax);
+      self.register_buffer("weight_nested_offset", q.nested_offset);
+    }
   }
 
-  std::vector<Slot> slots_;
-};
+  /// requantize_on_merge: the merged dense weight back into NF4 (the state before the first merge kept).
+  void requantize() {
+    if (!requantized_) before_merge_ = nf4::deep_copy(*nf4_);
+    nf4::copy_values(*nf4_, nf4::quantize_like(weight, *nf4_));
+    requantized_ = true;
+    const double error = (nf4::dequantize(*nf4_).to(torch::kFloat) - weight.to(torch::kFloat)).abs().max().item<double>();
+    weight.set_data(torch::empty({0}, weight.options()));
+    warn("merging into an NF4 weight re-quantises it: max |error| {:.3g}", error);
+  }
 
-}  // namespace detail
-
-/// The adapter-slot interface of peft::nn layers, which get_peft_model uses.
-class AdaptedLayer {
- public:
-  virtual ~AdaptedLayer() = default;
-  /// The layer's adapter slots.
-  virtual detail::AdapterSlots& slots() = 0;
-  /// Merges adapter `name` into the layer's weights.
-  virtual void merge_adapter(const std::string& name) = 0;
-  /// Unmerges every merged adapter.
-  virtual void unmerge_adapters() = 0;
-  /// in_features, out_features.
-  virtual std::pair<int64_t, int64_t> features() const = 0;
-  /// Whether the weight is stored [in, out].
-  virtual bool fan_in_fan_out() const = 0;
-  /// The frozen weight.
-  virtual torch::Tensor& weight_tensor() = 0;
-  /// The frozen bias (undefined without one).
-  virtual torch::Tensor& bias_tensor() = 0;
+  bool fan_in_fan_out_;
+  c10::optional<nf4::Quantized> nf4_;  // QLoRA: the weight in NF4
+  bool requantize_on_merge_ = false;
+  bool requantized_ = false;      // merged into NF4 (before_merge_ holds the state to restore)
+  nf4::Quantized before_merge_;
 };
 
 /// torch::nn::Linear with adapter slots: same options, parameters (`weight`
@@ -182,7 +191,7 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl>, public AdaptedLayer 
   /// As torch::nn::Linear(in, out).
   LinearImpl(int64_t in_features, int64_t out_features) : LinearImpl(torch::nn::LinearOptions(in_features, out_features)) {}
   /// As torch::nn::Linear(options).
-  explicit LinearImpl(const torch::nn::LinearOptions& options_) : options(options_) { reset(); }
+  explicit LinearImpl(const torch::nn::LinearOptions& options_) : AdaptedLayer(false), options(options_) { reset(); }
 
   /// Parameters as torch::nn::Linear creates them; adapters again (for clone()).
   void reset() override {
@@ -190,7 +199,7 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl>, public AdaptedLayer 
     bias = options.bias() ? register_parameter("bias", torch::empty(options.out_features()))
                           : register_parameter("bias", {}, /*requires_grad=*/false);
     reset_parameters();
-    slots_.recreate(*this);
+    reset_adapters(*this);
   }
 
   /// torch::nn::Linear's initialisation (kaiming uniform, a = √5).
@@ -207,32 +216,21 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl>, public AdaptedLayer 
   /// mode with a merged adapter, backward throws ModelError (unmerge first).
   torch::Tensor forward(const torch::Tensor& x) {
     check_last_dim(x, options.in_features(), "peft::nn::Linear");
-    return slots_.run(x, {weight, bias, false}, [&](const torch::Tensor& h) { return torch::nn::functional::linear(h, weight, bias); },
-                      is_training(), "peft::nn::Linear");
+    return run(
+        x, [](const torch::Tensor& h, const torch::Tensor& W, const torch::Tensor& b) { return torch::nn::functional::linear(h, W, b); },
+        is_training(), "peft::nn::Linear");
   }
 
-  /// Prints `peft::nn::Linear(in_features=.., out_features=.., bias=.., adapters=[..])`.
+  /// Prints `peft::nn::Linear(in_features=.., out_features=.., bias=.., <adapters>)`.
   void pretty_print(std::ostream& stream) const override {
     stream << "peft::nn::Linear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
            << ", bias=" << (options.bias() ? "true" : "false");
-    for (const auto& s : slots_.all()) stream << ", " << s.name << (s.merged ? " (merged)" : "");
-    stream << ")";
+    print_adapters(stream);
   }
 
-  detail::AdapterSlots& slots() override { return slots_; }
-  void merge_adapter(const std::string& name) override { slots_.merge(name, weight, bias, false); }
-  void unmerge_adapters() override { slots_.unmerge_all(weight, bias, false); }
   std::pair<int64_t, int64_t> features() const override { return {options.in_features(), options.out_features()}; }
-  bool fan_in_fan_out() const override { return false; }
-  torch::Tensor& weight_tensor() override { return weight; }
-  torch::Tensor& bias_tensor() override { return bias; }
 
   torch::nn::LinearOptions options;  ///< As torch::nn::Linear's.
-  torch::Tensor weight;              ///< [out, in]
-  torch::Tensor bias;                ///< [out], undefined without bias
-
- private:
-  detail::AdapterSlots slots_;
 };
 
 /// Holder of LinearImpl (see there).
@@ -244,45 +242,39 @@ TORCH_MODULE(Linear);
 class Conv1DImpl : public torch::nn::Cloneable<Conv1DImpl>, public AdaptedLayer {
  public:
   /// A Conv1D of `in_features` inputs and `out_features` outputs (transformers' Conv1D(nf=out, nx=in)).
-  Conv1DImpl(int64_t in_features, int64_t out_features) : in_(in_features), out_(out_features) { reset(); }
+  Conv1DImpl(int64_t in_features, int64_t out_features) : AdaptedLayer(true), in_(in_features), out_(out_features) {
+    reset();
+  }
 
   /// Parameters as transformers creates them; adapters again (for clone()).
   void reset() override {
     weight = register_parameter("weight", torch::empty({in_, out_}));
     bias = register_parameter("bias", torch::zeros({out_}));
-    torch::NoGradGuard no_grad;
-    torch::nn::init::normal_(weight, 0.0, 0.02);
-    slots_.recreate(*this);
+    {
+      torch::NoGradGuard no_grad;
+      torch::nn::init::normal_(weight, 0.0, 0.02);
+    }
+    reset_adapters(*this);
   }
 
   /// x [..., in] -> [..., out]: x·W + b, then the active adapters.
   torch::Tensor forward(const torch::Tensor& x) {
     check_last_dim(x, in_, "peft::nn::Conv1D");
-    return slots_.run(x, {weight, bias, true}, [&](const torch::Tensor& h) { return torch::matmul(h, weight) + bias; },
-                      is_training(), "peft::nn::Conv1D");
+    return run(
+        x, [](const torch::Tensor& h, const torch::Tensor& W, const torch::Tensor& b) { return torch::matmul(h, W) + b; },
+        is_training(), "peft::nn::Conv1D");
   }
 
-  /// Prints `peft::nn::Conv1D(in_features=.., out_features=..)`.
+  /// Prints `peft::nn::Conv1D(in_features=.., out_features=.., <adapters>)`.
   void pretty_print(std::ostream& stream) const override {
     stream << "peft::nn::Conv1D(in_features=" << in_ << ", out_features=" << out_;
-    for (const auto& s : slots_.all()) stream << ", " << s.name << (s.merged ? " (merged)" : "");
-    stream << ")";
+    print_adapters(stream);
   }
 
-  detail::AdapterSlots& slots() override { return slots_; }
-  void merge_adapter(const std::string& name) override { slots_.merge(name, weight, bias, true); }
-  void unmerge_adapters() override { slots_.unmerge_all(weight, bias, true); }
   std::pair<int64_t, int64_t> features() const override { return {in_, out_}; }
-  bool fan_in_fan_out() const override { return true; }
-  torch::Tensor& weight_tensor() override { return weight; }
-  torch::Tensor& bias_tensor() override { return bias; }
-
-  torch::Tensor weight;  ///< [in, out]
-  torch::Tensor bias;    ///< [out]
 
  private:
   int64_t in_, out_;
-  detail::AdapterSlots slots_;
 };
 
 /// Holder of Conv1DImpl (see there).

@@ -4,6 +4,7 @@
 /// (peft_type "PREFIX_TUNING") and its TorchScript tuner.
 
 #include <peft/prefix/inject.h>
+#include <peft/prefix/native.h>
 #include <peft/tuner.h>
 
 namespace peft {
@@ -17,6 +18,8 @@ struct Method<PrefixTuningConfig> : MethodDefaults<PrefixTuningConfig> {
   static constexpr const char* name = "PrefixTuning";
   /// The TorchScript tuner.
   using JitTuner = prefix::Tuner;
+  /// The torch::nn tuner (see peft/nn/sites.h for what the model provides).
+  static constexpr auto native_tuner = &prefix::native_tuner;
 
   /// Prefixes are saved folded (prefix_projection false), as HF saves them for inference.
   static nlohmann::json to_json(const PrefixTuningConfig& c) {

@@ -4,6 +4,7 @@
 /// (peft_type "PROMPT_TUNING") and its TorchScript tuner.
 
 #include <peft/prompt/inject.h>
+#include <peft/prompt/native.h>
 #include <peft/tuner.h>
 
 namespace peft {
@@ -17,6 +18,8 @@ struct Method<PromptTuningConfig> : MethodDefaults<PromptTuningConfig> {
   static constexpr const char* name = "PromptTuning";
   /// The TorchScript tuner.
   using JitTuner = prompt::Tuner;
+  /// The torch::nn tuner (see peft/nn/sites.h for what the model provides).
+  static constexpr auto native_tuner = &prompt::native_tuner;
 
   /// HF's config fields beyond the common ones.
   static nlohmann::json to_json(const PromptTuningConfig& c) {

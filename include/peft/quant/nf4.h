@@ -277,6 +277,13 @@ inline Quantized deep_copy(const Quantized& q) {
   return copy;
 }
 
+/// Copies `from`'s values into `to`'s tensors in place (same sizes: `to` may be registered buffers).
+inline void copy_values(Quantized& to, const Quantized& from) {
+  to.packed.copy_(from.packed);
+  to.absmax.copy_(from.absmax);
+  if (from.double_quant()) to.nested_absmax.copy_(from.nested_absmax), to.nested_offset.copy_(from.nested_offset);
+}
+
 /// `weight` quantised with the blocksize and double quantisation of `like`.
 inline Quantized quantize_like(const torch::Tensor& weight, const Quantized& like) {
   return quantize(weight, NF4Config().blocksize(like.blocksize).double_quant(like.double_quant()));

@@ -91,7 +91,7 @@ inline std::unique_ptr<nn::Tuner> native_tuner(nn::Injection& injection, const V
     max_in = std::max(max_in, layer->features().first);
     max_out = std::max(max_out, layer->features().second);
   }
-  const torch::Tensor& like = targets.front().second->weight_tensor();
+  const torch::Tensor& like = targets.front().second->weight;
   const Projections projections = init_projections(max_in, max_out, config.r(), config.projection_prng_key(), like.options());
   for (const auto& [target, layer] : targets) {
     const auto [in, out] = layer->features();
