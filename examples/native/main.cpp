@@ -2,7 +2,9 @@
 // A small encoder is pretrained on easy ham vs spam and saved with torch::save
 // (a stand-in for your own pretrained checkpoint), then adapted to the whole
 // SpamAssassin corpus, whose hard ham it misclassifies, with LoRA, bottleneck
-// adapters or prompt tuning. Only the adapter and the head train and are saved.
+// adapters or prompt tuning through peft::get_peft_model (the model is written
+// with peft::nn::Linear and declares where bottleneck adapters and prompts go).
+// Only the adapter (and the head) trains and is saved, in HF peft's layout.
 //
 //   peft-native [--method lora|adapter|prompt] [--epochs 3] [--max-emails 0] [--out runs/native]
 #include <CLI/CLI.hpp>
@@ -17,69 +19,57 @@ namespace {
 using namespace peft_examples;
 constexpr int64_t kDim = 64, kHeads = 4, kLayers = 2, kMaxTokens = 64, kPromptTokens = 8;
 
-/// Pre-norm transformer block. Projections are AnyModules so that PEFT can wrap
-/// them after the base weights are loaded.
+/// Self-attention over a padding mask. peft::nn::Linear is torch::nn::Linear
+/// plus adapter slots; OutputSite is where a bottleneck adapter goes.
+struct AttentionImpl : torch::nn::Module, peft::nn::OutputSite {
+  AttentionImpl() : OutputSite(kDim) {}
+  torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& mask_bias) {
+    const int64_t B = h.size(0), T = h.size(1);
+    auto heads = [&](peft::nn::Linear& p) { return p(h).view({B, T, kHeads, -1}).transpose(1, 2); };
+    torch::Tensor scores = torch::matmul(heads(q), heads(k).transpose(-2, -1)) / std::sqrt(kDim / kHeads);
+    torch::Tensor context = torch::matmul(torch::softmax(scores + mask_bias, -1), heads(v));
+    return adapted_output(o(context.transpose(1, 2).reshape({B, T, kDim})));
+  }
+  peft::nn::Linear q = register_module("q", peft::nn::Linear(kDim, kDim)), k = register_module("k", peft::nn::Linear(kDim, kDim)),
+                   v = register_module("v", peft::nn::Linear(kDim, kDim)), o = register_module("o", peft::nn::Linear(kDim, kDim));
+};
+TORCH_MODULE(Attention);
+
+struct MlpImpl : torch::nn::Module, peft::nn::OutputSite {
+  MlpImpl() : OutputSite(kDim) {}
+  torch::Tensor forward(const torch::Tensor& h) { return adapted_output(down(torch::gelu(up(h)))); }
+  peft::nn::Linear up = register_module("up", peft::nn::Linear(kDim, 4 * kDim));
+  peft::nn::Linear down = register_module("down", peft::nn::Linear(4 * kDim, kDim));
+};
+TORCH_MODULE(Mlp);
+
+/// Pre-norm transformer block.
 struct BlockImpl : torch::nn::Module {
-  BlockImpl() {
-    const std::vector<std::tuple<std::string, int64_t, int64_t>> shapes{
-        {"q", kDim, kDim}, {"k", kDim, kDim}, {"v", kDim, kDim}, {"o", kDim, kDim}, {"up", kDim, 4 * kDim}, {"down", 4 * kDim, kDim}};
-    for (const auto& [name, in, out] : shapes)
-      proj[name] = torch::nn::AnyModule(register_module(name, torch::nn::Linear(in, out)));
-  }
-
-  void add_peft(const std::string& method) {
-    if (method == "lora")  // every projection: W x + (alpha/r) B A x, the base W frozen
-      for (auto& [name, layer] : proj)
-        layer = torch::nn::AnyModule(
-            replace_module(name, peft::LoRALinear(layer.get<torch::nn::Linear>(), peft::LoraOptions(8).lora_alpha(16))));
-    if (method == "adapter") {  // Houlsby: a bottleneck after each sublayer
-      adapter_attn = register_module("adapter_attn", peft::Bottleneck(peft::BottleneckOptions(kDim).bottleneck(16)));
-      adapter_mlp = register_module("adapter_mlp", peft::Bottleneck(peft::BottleneckOptions(kDim).bottleneck(16)));
-    }
-  }
-
   torch::Tensor forward(torch::Tensor x, const torch::Tensor& mask_bias) {
-    const int64_t B = x.size(0), T = x.size(1);
-    torch::Tensor h = norm1(x);
-    auto heads = [&](const char* p) { return proj[p].forward(h).view({B, T, kHeads, -1}).transpose(1, 2); };
-    torch::Tensor scores = torch::matmul(heads("q"), heads("k").transpose(-2, -1)) / std::sqrt(kDim / kHeads);
-    torch::Tensor context = torch::matmul(torch::softmax(scores + mask_bias, -1), heads("v"));
-    torch::Tensor a = proj["o"].forward(context.transpose(1, 2).reshape({B, T, kDim}));
-    x = x + (adapter_attn ? adapter_attn(a) : a);
-    torch::Tensor f = proj["down"].forward(torch::gelu(proj["up"].forward(norm2(x))));
-    return x + (adapter_mlp ? adapter_mlp(f) : f);
+    x = x + attn(norm1(x), mask_bias);
+    return x + mlp(norm2(x));
   }
-
-  std::map<std::string, torch::nn::AnyModule> proj;
   torch::nn::LayerNorm norm1 = register_module("norm1", torch::nn::LayerNorm(std::vector<int64_t>{kDim}));
+  Attention attn = register_module("attn", Attention());
   torch::nn::LayerNorm norm2 = register_module("norm2", torch::nn::LayerNorm(std::vector<int64_t>{kDim}));
-  peft::Bottleneck adapter_attn{nullptr}, adapter_mlp{nullptr};
+  Mlp mlp = register_module("mlp", Mlp());
 };
 TORCH_MODULE(Block);
 
 /// Token and position embeddings, blocks, mean pooling over the mask, a 2-way head.
-struct ClassifierImpl : torch::nn::Module {
+/// PromptSite is where prompt tuning puts its vectors (after the position embeddings).
+struct ClassifierImpl : torch::nn::Module, peft::nn::PromptSite {
   explicit ClassifierImpl(int64_t vocab) : embed(register_module("embed", torch::nn::Embedding(vocab, kDim))) {
     for (int64_t i = 0; i < kLayers; ++i) blocks.push_back(register_module("block" + std::to_string(i), Block()));
   }
+  torch::Tensor input_embeddings_weight() override { return embed->weight; }
 
-  /// Freezes the base, adds the method's trainable modules; the head keeps training.
-  void add_peft(const std::string& method) {
-    for (auto& p : parameters()) p.set_requires_grad(false);
-    if (method == "prompt") prompt = register_module("prompt", peft::PromptEmbedding(embed, peft::PromptOptions(kPromptTokens)));
-    for (auto& block : blocks) block->add_peft(method);
-    for (auto& p : head->parameters()) p.set_requires_grad(true);
-  }
-
-  torch::Tensor forward(const torch::Tensor& ids, torch::Tensor mask) {
-    torch::Tensor x = prompt ? prompt(ids) : embed(ids);  // [B, P + T, D]: P prompt vectors first
-    if (prompt) mask = prompt->extend_attention_mask(mask);
-    const int64_t T = ids.size(1), P = x.size(1) - T;    // the tokens keep the positions they were pretrained at
-    x = torch::cat({x.narrow(1, 0, P), x.narrow(1, P, T) + position->weight.narrow(0, 0, T)}, 1);
-    const torch::Tensor bias = (1 - mask.to(x.dtype())).mul(-1e9).view({x.size(0), 1, 1, x.size(1)});
+  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& mask) {
+    torch::Tensor x = add_prompt(embed(ids) + position->weight.narrow(0, 0, ids.size(1)));  // [B, P + T, D]
+    const torch::Tensor bias = (1 - extend_mask(mask).to(x.dtype())).mul(-1e9).view({x.size(0), 1, 1, x.size(1)});
     for (auto& block : blocks) x = block(x, bias);
     const torch::Tensor m = mask.unsqueeze(-1).to(x.dtype());
-    return head((norm(x) * m).sum(1) / m.sum(1).clamp_min(1));
+    return head((norm(drop_prompt(x)) * m).sum(1) / m.sum(1).clamp_min(1));
   }
 
   torch::nn::Embedding embed;
@@ -87,12 +77,21 @@ struct ClassifierImpl : torch::nn::Module {
   std::vector<Block> blocks;
   torch::nn::LayerNorm norm = register_module("norm", torch::nn::LayerNorm(std::vector<int64_t>{kDim}));
   torch::nn::Linear head = register_module("head", torch::nn::Linear(kDim, 2));
-  peft::PromptEmbedding prompt{nullptr};
 };
 TORCH_MODULE(Classifier);
 
-void train(Classifier& model, const std::vector<Batch>& batches, int epochs, double lr) {
-  torch::optim::AdamW optimizer(peft::trainable_parameters(*model), torch::optim::AdamWOptions(lr));
+/// The method's config as HF peft spells it; the head trains too (HF's modules_to_save).
+peft::PeftConfig config_for(const std::string& method) {
+  if (method == "lora")  // every projection: W x + (alpha/r) B A x, the base W frozen
+    return peft::LoraConfig().r(8).lora_alpha(16).target_modules({"q", "k", "v", "o", "up", "down"}).modules_to_save({"head"});
+  if (method == "adapter")  // Houlsby: a bottleneck after each sublayer
+    return peft::BottleneckConfig().target_modules({"attn", "mlp"}).bottleneck_size(16).modules_to_save({"head"});
+  return peft::PromptTuningConfig().num_virtual_tokens(kPromptTokens);  // HF's prompt tuning: the prompt alone
+}
+
+void train(Classifier& model, const std::vector<torch::Tensor>& parameters, const std::vector<Batch>& batches,
+           int epochs, double lr) {
+  torch::optim::AdamW optimizer(parameters, torch::optim::AdamWOptions(lr));
   model->train();
   for (int epoch = 0; epoch < epochs; ++epoch) {
     double total = 0;
@@ -118,7 +117,7 @@ double max_difference(Classifier& a, Classifier& b, const std::vector<Batch>& ba
 }  // namespace
 
 int run(int argc, char** argv) {
-  CLI::App app{"Adapt a torch::nn transformer with peft::LoRALinear / Adapter / PromptEmbedding"};
+  CLI::App app{"Adapt a torch::nn transformer with peft::get_peft_model: LoRA, bottleneck adapters or prompt tuning"};
   app.option_defaults()->always_capture_default();  // --help shows each default
   std::string method = "lora", assets = PEFT_ASSETS_DIR, out = "runs/native";
   int epochs = 3, threads = 2;
@@ -156,10 +155,10 @@ int run(int argc, char** argv) {
 
   // 1. The base: pretrained once on easy ham vs spam, then loaded from its file like any checkpoint.
   std::filesystem::create_directories(out);
-  const std::string base_file = out + "/base.pt", adapter_file = out + "/adapter.safetensors";
+  const std::string base_file = out + "/base.pt", adapter_dir = out + "/" + method;
   if (!std::filesystem::exists(base_file)) {
     Classifier base(tokenizer.size());
-    train(base, pretrain_set, 2 * epochs, 1e-3);
+    train(base, base->parameters(), pretrain_set, 2 * epochs, 1e-3);
     torch::save(base, base_file);
   }
   auto load_base = [&] {
@@ -170,25 +169,24 @@ int run(int argc, char** argv) {
   Classifier model = load_base();
   report("base", model);
 
-  // 2. PEFT: freeze the base, add the adapter, give the optimizer only what requires grad.
-  model->add_peft(method);
-  peft::print_trainable_parameters(*model);
-  train(model, train_set, epochs, method == "prompt" ? 1e-2 : 2e-3);
+  // 2. PEFT: HF's get_peft_model on the torch::nn model; only the adapter (and the head) trains.
+  peft::nn::PeftModel peft_model = peft::get_peft_model(model, config_for(method));
+  peft_model.print_trainable_parameters();
+  train(model, peft_model.trainable_parameters(), train_set, epochs, method == "prompt" ? 1e-2 : 2e-3);
   report(method, model);
 
-  // 3. Save only the adapter (and head); the base plus that file gives the same outputs.
-  peft::save_trainable(*model, adapter_file);
+  // 3. Save only the adapter (and head) in HF peft's layout; the base plus that folder gives the same outputs.
+  peft_model.save_pretrained(adapter_dir);
   Classifier reloaded = load_base();
-  reloaded->add_peft(method);
-  peft::load_trainable(*reloaded, adapter_file);
+  peft::nn::PeftModel reloaded_peft = peft::nn::PeftModel::from_pretrained(reloaded.ptr(), adapter_dir);
   reloaded->eval();
   const double reload_diff = max_difference(model, reloaded, test_set);
-  fmt::print("{} ({} bytes) reloaded: max |logit difference| {}\n", adapter_file,
-             std::filesystem::file_size(adapter_file), reload_diff);
+  fmt::print("{} ({} bytes) reloaded: max |logit difference| {}\n", adapter_dir,
+             std::filesystem::file_size(std::filesystem::path(adapter_dir) / peft::io::kWeightsFile), reload_diff);
 
-  // 4. LoRA merges into the base weights: inference at the base's cost.
+  // 4. LoRA merges into the base weights: the plain architecture at the base's cost.
   if (method == "lora") {
-    for (auto& m : reloaded->modules()) if (auto lora = std::dynamic_pointer_cast<peft::LoRALinearImpl>(m)) lora->merge();
+    reloaded_peft.merge_and_unload();
     fmt::print("merged: max |logit difference| {:.2g}\n", max_difference(model, reloaded, test_set));
   }
   return reload_diff == 0 ? 0 : 1;

@@ -14,24 +14,39 @@ namespace bottleneck {
 /// One bottleneck adapter after one sublayer: h + W_up σ(W_down h + b_down) + b_up.
 class NativeLayerImpl : public torch::nn::Cloneable<NativeLayerImpl>, public nn::OutputAdapter {
  public:
-  /// An adapter of `options` (its parameters drawn as peft::Bottleneck draws them).
-  explicit NativeLayerImpl(BottleneckOptions options) : options_(std::move(options)) { reset(); }
+  /// An adapter of `options`, its projections drawn as peft::Bottleneck draws them.
+  explicit NativeLayerImpl(BottleneckOptions options) : options_(std::move(options)) {
+    reset();
+    Bottleneck drawn(options_);
+    torch::NoGradGuard no_grad;
+    for (auto& p : named_parameters()) p.value().copy_(drawn->named_parameters()[p.key()]);
+  }
 
   /// Registers the projections (clone() calls it, then copies the values).
-  void reset() override { layer = register_module("layer", Bottleneck(options_)); }
+  void reset() override {
+    options_.validate();
+    adapter_down = register_module("adapter_down", torch::nn::Linear(options_.hidden(), options_.bottleneck_size()));
+    adapter_up = register_module("adapter_up", torch::nn::Linear(options_.bottleneck_size(), options_.hidden()));
+  }
 
-  torch::Tensor output(const torch::Tensor& h) override { return layer->forward(h); }
+  torch::Tensor output(const torch::Tensor& h) override {
+    check_last_dim(h, options_.hidden(), "bottleneck adapter");
+    return functional::bottleneck(h, adapter_down->weight, adapter_down->bias, adapter_up->weight, adapter_up->bias,
+                                  options_.activation());
+  }
   int64_t hidden() const override { return options_.hidden(); }
+  /// The options it was built with.
+  const BottleneckOptions& options() const { return options_; }
 
-  /// HF-style keys: `<prefix>adapter_down.weight`, ... (as the TorchScript backend writes them).
+  /// The keys the TorchScript backend writes: `<prefix>adapter_down.weight`, ...
   std::vector<io::StateEntry> state(const std::string& prefix) override {
     std::vector<io::StateEntry> out;
-    for (const auto& p : layer->named_parameters()) out.push_back(io::plain_entry(prefix + p.key(), p.value()));
+    for (const auto& p : named_parameters()) out.push_back(io::plain_entry(prefix + p.key(), p.value()));
     return out;
   }
 
-  /// The adapter.
-  Bottleneck layer{nullptr};
+  torch::nn::Linear adapter_down{nullptr};  ///< Trainable projection hidden -> bottleneck.
+  torch::nn::Linear adapter_up{nullptr};    ///< Trainable projection bottleneck -> hidden.
 
  private:
   BottleneckOptions options_;
@@ -46,9 +61,9 @@ class NativeTuner : public nn::Tuner {
   bool mergeable() const override { return false; }
   /// The sizes the file states: hidden_size and bottleneck_size as built.
   void describe(nlohmann::json& config) const override {
-    const auto& adapter = layers().front().module->as<NativeLayerImpl>()->layer;
-    config["hidden_size"] = adapter->options().hidden();
-    config["bottleneck_size"] = adapter->options().bottleneck_size();
+    const auto& options = layers().front().module->as<NativeLayerImpl>()->options();
+    config["hidden_size"] = options.hidden();
+    config["bottleneck_size"] = options.bottleneck_size();
   }
 };
 
