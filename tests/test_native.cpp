@@ -327,4 +327,91 @@ TEST(NativeLayers, MixedAdapterBatchRunsEachSamplesAdapter) {
   EXPECT_FALSE(torch::allclose(a[0], b[0], 1e-4, 1e-4));
 }
 
+TEST(NativeLayers, QLoRAVariantsComputeDtypeAllLinearAndRequantisingMerge) {
+  const auto exported = peft_test::load_fixture("llama", "scripted");
+  const auto ref = peft_test::load_reference("llama");
+  auto lora = [] { return peft::LoraConfig().r(4).lora_alpha(8).target_modules({"q_proj", "v_proj"}).init_lora_weights(peft::LoraInit::Random); };
+  torch::NoGradGuard no_grad;
+
+  // quantize_all_linear: every peft::nn linear layer but lm_head is NF4; LoRA only on the targets.
+  auto all = twins::make("llama", exported);
+  peft::nn::PeftModel all_model = peft::get_peft_model(all, lora().quantize_base(peft::NF4Config().blocksize(32).quantize_all_linear(true)));
+  EXPECT_EQ(quantized_layers(*all).size(), 14u) << "7 projections in each of 2 layers";
+  for (const auto& path : quantized_layers(*all)) EXPECT_EQ(path.find("lm_head"), std::string::npos);
+
+  // compute_dtype bf16: the base computes in bf16, the output stays fp32 and near the fp32 one.
+  auto fp32 = twins::make("llama", exported), bf16 = twins::make("llama", exported);
+  torch::manual_seed(3);
+  peft::nn::PeftModel m32 = peft::get_peft_model(fp32, lora().quantize_base(kNF4));
+  torch::manual_seed(3);
+  peft::nn::PeftModel m16 = peft::get_peft_model(bf16, lora().quantize_base(peft::NF4Config().blocksize(32).compute_dtype(torch::kBFloat16)));
+  const torch::Tensor y32 = twins::run("llama", *fp32, ref.inputs), y16 = twins::run("llama", *bf16, ref.inputs);
+  EXPECT_EQ(y16.scalar_type(), torch::kFloat);
+  EXPECT_TRUE(torch::allclose(y16, y32, 5e-2, 5e-2)) << (y16 - y32).abs().max().item<double>();
+  EXPECT_FALSE(torch::equal(y16, y32)) << "bf16 was not used";
+
+  // requantize_on_merge: the merged weight goes back to NF4 (a warning with the error), unmerge restores the bytes.
+  auto net = twins::make("llama", exported);
+  peft::nn::PeftModel model = peft::get_peft_model(net, lora().quantize_base(peft::NF4Config().blocksize(32).requantize_on_merge(true)));
+  auto& q = dynamic_cast<peft::nn::AdaptedLayer&>(*net->named_modules()["model.layers.0.self_attn.q_proj"]);
+  const torch::Tensor packed = q.quantized()->packed.clone(), adapted = twins::run("llama", *net, ref.inputs);
+  std::vector<std::string> warnings;
+  {
+    const peft::CapturedWarnings captured;
+    model.merge_adapter();
+    warnings = captured.messages();
+  }
+  ASSERT_EQ(warnings.size(), 4u);
+  EXPECT_THAT(warnings.front(), ::testing::HasSubstr("re-quantises it: max |error|"));
+  EXPECT_EQ(q.weight.numel(), 0) << "the merged weight is NF4 again";
+  EXPECT_FALSE(torch::equal(q.quantized()->packed, packed));
+  EXPECT_TRUE(torch::allclose(twins::run("llama", *net, ref.inputs), adapted, 0.1, 0.1)) << "NF4's error only";
+  model.unmerge_adapter();
+  EXPECT_TRUE(torch::equal(q.quantized()->packed, packed)) << "unmerge restores the NF4 bytes";
+  EXPECT_TRUE(torch::equal(twins::run("llama", *net, ref.inputs), adapted));
+}
+
+TEST(NativeLayers, EmbeddingIsTorchsEmbeddingUntilAdaptedAndClones) {
+  torch::manual_seed(1);
+  torch::nn::Embedding plain(torch::nn::EmbeddingOptions(10, 4).padding_idx(0));
+  torch::manual_seed(1);
+  peft::nn::Embedding ours(torch::nn::EmbeddingOptions(10, 4).padding_idx(0));
+  EXPECT_TRUE(torch::equal(plain->weight, ours->weight));
+  std::vector<std::string> names;
+  for (const auto& p : ours->named_parameters()) names.push_back(p.key());
+  EXPECT_THAT(names, ::testing::ElementsAre("weight"));
+  const torch::Tensor ids = torch::tensor({{0, 3, 9}, {2, 2, 1}});
+  EXPECT_TRUE(torch::equal(plain(ids), ours(ids)));
+
+  auto net = std::make_shared<torch::nn::Module>();
+  net->register_module("wte", ours);
+  peft::nn::PeftModel model = peft::get_peft_model(net, peft::LoraConfig().r(2).target_modules({"wte"}).init_lora_weights(peft::LoraInit::Random));
+  const torch::Tensor adapted = ours(ids);
+  EXPECT_FALSE(torch::allclose(adapted, plain(ids)));
+  auto copy = std::dynamic_pointer_cast<peft::nn::EmbeddingImpl>(ours->clone());
+  ASSERT_TRUE(copy);
+  EXPECT_TRUE(torch::equal(copy->forward(ids), adapted)) << "clone() lost the adapter";
+  expect_error<peft::ShapeError>([&] { ours(torch::zeros({2, 3})); }, {"peft::nn::Embedding", "integer token ids"});
+  expect_error<peft::OptionError>(
+      [&] { model.add_adapter("dora", peft::LoraConfig().r(2).use_dora(true).target_modules({"wte"})); },
+      {"embedding", "use_dora"});
+}
+
+TEST(NativeLayers, SitesRefuseMixedBatchesAndCloneTheirAdapters) {
+  const auto exported = peft_test::load_fixture("llama", "scripted");
+  const auto ref = peft_test::load_reference("llama");
+  auto net = twins::make("llama", exported);
+  peft::nn::PeftModel model = peft::get_peft_model(net, peft::PromptTuningConfig().num_virtual_tokens(2), "a");
+  torch::NoGradGuard no_grad;
+  {
+    auto scope = model.sample_adapters({"a", peft::kBaseAdapter});
+    expect_error<peft::OptionError>([&] { twins::run("llama", *net, ref.inputs); }, {"mixed-adapter batches", "prompts"});
+  }
+  auto bottleneck = std::make_shared<peft::bottleneck::NativeLayerImpl>(peft::BottleneckOptions(8).bottleneck(2));
+  auto copy = std::dynamic_pointer_cast<peft::bottleneck::NativeLayerImpl>(bottleneck->clone());
+  ASSERT_TRUE(copy);
+  EXPECT_TRUE(torch::equal(copy->adapter_down->weight, bottleneck->adapter_down->weight));
+  EXPECT_NE(copy->adapter_down->weight.data_ptr(), bottleneck->adapter_down->weight.data_ptr());
+}
+
 }  // namespace

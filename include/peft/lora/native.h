@@ -139,10 +139,12 @@ inline void quantize_targets(nn::Injection& injection, const LoraConfig& config,
   auto layers = targets;
   if (nf4.quantize_all_linear())
     layers = injection.linear_targets(injection.rule(TargetRule{TargetModules("all-linear"), {}, {}, {}}), "LoraConfig.quantize_base");
-  for (const auto& [path, layer] : layers)
-    if (!layer->quantized() && std::none_of(config.modules_to_save().begin(), config.modules_to_save().end(),
-                                            [&](const std::string& key) { return TargetModules::matches_key(path, key); }))
-      layer->quantize(nf4, "LoraConfig.quantize_base on '" + path + "'");
+  for (const auto& entry : layers) {  // no structured binding: clang 14 cannot capture one in the lambda
+    const std::string& path = entry.first;
+    if (!entry.second->quantized() && std::none_of(config.modules_to_save().begin(), config.modules_to_save().end(),
+                                                   [&](const std::string& key) { return TargetModules::matches_key(path, key); }))
+      entry.second->quantize(nf4, "LoraConfig.quantize_base on '" + path + "'");
+  }
 }
 
 /// LoRA (QLoRA with quantize_base) on the targeted peft::nn linear layers of a torch::nn model.
