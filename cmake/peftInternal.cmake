@@ -97,4 +97,13 @@ add_custom_command(OUTPUT ${_case_fixtures}
   COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/export_cases.py --out ${PEFT_FIXTURE_DIR}
   DEPENDS ${PROJECT_SOURCE_DIR}/tools/export_cases.py ${PROJECT_SOURCE_DIR}/tools/export_fixtures.py
   COMMENT "Exporting the real-world case fixtures")
-add_custom_target(peft_fixtures ALL DEPENDS ${_fixtures} ${_attention_fixtures} ${PEFT_LM_FIXTURE} ${_case_fixtures})
+# Tiny Hugging Face checkpoint folders (Llama family) with logits from a plain-PyTorch reference.
+set(_hf_fixtures)
+foreach(case llama llama_bias_headdim llama_sharded llama_bf16 llama_f16 mistral qwen2)
+  list(APPEND _hf_fixtures ${PEFT_FIXTURE_DIR}/hf/${case}/expected.safetensors)
+endforeach()
+add_custom_command(OUTPUT ${_hf_fixtures}
+  COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/hf_reference.py --out ${PEFT_FIXTURE_DIR}/hf
+  DEPENDS ${PROJECT_SOURCE_DIR}/tools/hf_reference.py
+  COMMENT "Writing the tiny Hugging Face checkpoints")
+add_custom_target(peft_fixtures ALL DEPENDS ${_fixtures} ${_attention_fixtures} ${PEFT_LM_FIXTURE} ${_case_fixtures} ${_hf_fixtures})

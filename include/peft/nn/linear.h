@@ -230,6 +230,15 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl>, public AdaptedLayer 
 
   std::pair<int64_t, int64_t> features() const override { return {options.in_features(), options.out_features()}; }
 
+  /// Makes `weight` the very tensor `shared` [out, in] (HF's tie_word_embeddings:
+  /// lm_head.weight is embed_tokens.weight; one parameter, one gradient).
+  void tie_weight(const torch::Tensor& shared) {
+    check<ShapeError>(shared.sizes() == weight.sizes(), "peft::nn::Linear::tie_weight: expected [{}, {}], got {}",
+                      options.out_features(), options.in_features(), shape_str(shared.sizes()));
+    parameters_["weight"] = shared;
+    weight = shared;
+  }
+
   torch::nn::LinearOptions options;  ///< As torch::nn::Linear's.
 };
 

@@ -1,0 +1,131 @@
+#pragma once
+/// @file
+/// Hugging Face model folders: config.json (peft::hf::AutoConfig) and the
+/// checkpoint's safetensors, single or sharded (peft::hf::load_checkpoint).
+
+#include <peft/core/error.h>
+#include <peft/io/adapter_files.h>
+#include <peft/io/safetensors.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <map>
+#include <set>
+#include <string>
+
+namespace peft {
+namespace hf {
+
+/// A model folder's config.json as written by transformers: `model_type` picks
+/// the architecture; the architecture reads the fields it needs.
+struct PretrainedConfig {
+  std::string model_type;  ///< "llama", "mistral", "qwen2", ...
+  nlohmann::json json;     ///< the whole file
+  std::string source;      ///< the file's path, for messages
+};
+
+/// HF's AutoConfig.
+struct AutoConfig {
+  /// The config.json of the model folder `dir`. FileError naming the file when it
+  /// is missing, not JSON, or has no `model_type`.
+  static PretrainedConfig from_pretrained(const std::filesystem::path& dir) {
+    const auto path = dir / "config.json";
+    check<FileError>(std::filesystem::is_regular_file(path), "'{}': no config.json (expected a Hugging Face model folder)",
+                     dir.string());
+    PretrainedConfig config;
+    config.source = path.string();
+    try {
+      config.json = nlohmann::json::parse(io::read_file(path));
+    } catch (const nlohmann::json::exception& e) {
+      throw FileError("'" + config.source + "': not valid JSON (" + e.what() + ")");
+    }
+    io::ConfigReader reader(config.json, config.source);
+    config.model_type = reader.get<std::string>("model_type", "", /*required=*/true);
+    return config;
+  }
+};
+
+/// Options of the model loaders (AutoModelForCausalLM).
+struct ModelOptions {
+  /// Parameters' dtype (kFloat, kBFloat16, kHalf); the checkpoint's is converted. Unset: config.json's torch_dtype.
+  TORCH_ARG(c10::optional<torch::ScalarType>, dtype) = c10::nullopt;
+  /// Where the parameters live.
+  TORCH_ARG(torch::Device, device) = torch::kCPU;
+  /// Sequence classification: the number of labels (0: config.json's).
+  TORCH_ARG(int64_t, num_labels) = 0;
+};
+
+/// config.json's `torch_dtype` (or `dtype`) as a ScalarType; kFloat when absent.
+inline torch::ScalarType config_dtype(const PretrainedConfig& config) {
+  const auto& j = config.json;
+  const std::string name = j.contains("torch_dtype") && j["torch_dtype"].is_string() ? j["torch_dtype"].get<std::string>()
+                           : j.contains("dtype") && j["dtype"].is_string()           ? j["dtype"].get<std::string>()
+                                                                                      : "float32";
+  if (name == "float32") return torch::kFloat;
+  if (name == "bfloat16") return torch::kBFloat16;
+  if (name == "float16") return torch::kHalf;
+  throw FileError(fmt::format("'{}': torch_dtype '{}' is not one of float32, bfloat16, float16", config.source, name));
+}
+
+/// The tensors of the checkpoint in `dir`: model.safetensors, or the shards that
+/// model.safetensors.index.json lists (every shard read once, validated).
+inline std::map<std::string, torch::Tensor> load_checkpoint(const std::filesystem::path& dir) {
+  const auto single = dir / "model.safetensors", index = dir / "model.safetensors.index.json";
+  if (std::filesystem::is_regular_file(single)) return io::load_safetensors(single).tensors;
+  check<FileError>(std::filesystem::is_regular_file(index), "'{}': neither model.safetensors nor model.safetensors.index.json",
+                   dir.string());
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(io::read_file(index));
+  } catch (const nlohmann::json::exception& e) {
+    throw FileError("'" + index.string() + "': not valid JSON (" + e.what() + ")");
+  }
+  check<FileError>(j.contains("weight_map") && j["weight_map"].is_object(), "'{}': no weight_map object", index.string());
+  std::map<std::string, std::string> shard_of;
+  std::set<std::string> shards;
+  for (const auto& [name, file] : j["weight_map"].items()) {
+    check<FileError>(file.is_string(), "'{}': weight_map['{}'] is not a file name", index.string(), name);
+    shard_of[name] = file.get<std::string>();
+    shards.insert(file.get<std::string>());
+  }
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& shard : shards)
+    for (auto& [name, t] : io::load_safetensors(dir / shard).tensors) {
+      auto it = shard_of.find(name);
+      check<FileError>(it != shard_of.end() && it->second == shard, "'{}': tensor '{}' is not listed for it in {}",
+                       (dir / shard).string(), name, index.string());
+      out[name] = std::move(t);
+    }
+  for (const auto& [name, shard] : shard_of)
+    check<FileError>(out.count(name) > 0, "'{}': weight_map lists '{}', which the shard lacks", (dir / shard).string(), name);
+  return out;
+}
+
+/// Copies `checkpoint` into `model`'s parameters by name (HF's names), converting
+/// dtypes. FileError naming the key for a missing tensor or a shape mismatch, and
+/// for a checkpoint tensor the model has no parameter for. `tied`: parameters
+/// that share another's tensor and may be absent from the file.
+inline void assign_checkpoint(torch::nn::Module& model, std::map<std::string, torch::Tensor> checkpoint,
+                              const std::string& dir, const std::set<std::string>& tied = {}) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : model.named_parameters()) {
+    auto it = checkpoint.find(p.key());
+    if (it == checkpoint.end()) {
+      check<FileError>(tied.count(p.key()) > 0, "'{}': the checkpoint has no tensor '{}'", dir, p.key());
+      continue;
+    }
+    check<FileError>(it->second.sizes() == p.value().sizes(), "'{}': tensor '{}' is {}, the model expects {}", dir,
+                     p.key(), shape_str(it->second.sizes()), shape_str(p.value().sizes()));
+    p.value().copy_(it->second);
+    checkpoint.erase(it);
+  }
+  for (const auto& name : tied) checkpoint.erase(name);
+  std::vector<std::string> unused;
+  for (const auto& entry : checkpoint)
+    if (entry.first.find("rotary_emb.inv_freq") == std::string::npos) unused.push_back(entry.first);  // old files keep it
+  check<FileError>(unused.empty(), "'{}': the checkpoint has tensors this architecture does not use: {}", dir,
+                   join_names(unused));
+}
+
+}  // namespace hf
+}  // namespace peft
