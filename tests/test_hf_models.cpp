@@ -95,6 +95,32 @@ TEST(HfModels, SavePretrainedRoundTripsAndLoRATrains) {
   EXPECT_TRUE(keys.count("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
 }
 
+TEST(HfModels, GradientCheckpointingGivesTheSameGradients) {
+  const Expected e = expected_of(case_dir("llama"));
+  for (const double dropout : {0.0, 0.3}) {  // with dropout the recompute must draw the same masks
+    SCOPED_TRACE(dropout);
+    std::map<std::string, torch::Tensor> grads[2];
+    for (int checkpointed = 0; checkpointed < 2; ++checkpointed) {
+      peft::hf::CausalLM model = peft::hf::AutoModelForCausalLM::from_pretrained(case_dir("llama"));
+      torch::manual_seed(3);
+      peft::nn::PeftModel peft_model = peft::get_peft_model(
+          model, peft::LoraConfig().r(4).lora_dropout(dropout).target_modules({"q_proj", "v_proj", "down_proj"})
+                     .init_lora_weights(peft::LoraInit::Random));
+      model->train();
+      model->gradient_checkpointing(checkpointed == 1);
+      torch::manual_seed(11);
+      model->forward(e.input_ids, e.attention_mask).pow(2).mean().backward();
+      for (const auto& [name, t] : peft_model.named_trainable_parameters()) grads[checkpointed][name] = t.grad().clone();
+    }
+    ASSERT_EQ(grads[0].size(), 12u) << "A and B of 3 layers in each of 2 decoder layers";
+    for (const auto& [name, g] : grads[0]) {
+      ASSERT_TRUE(g.defined() && grads[1].at(name).defined()) << name;
+      EXPECT_TRUE(torch::allclose(grads[1].at(name), g, 1e-6, 1e-6)) << name << " by " << (grads[1].at(name) - g).abs().max().item<double>();
+      EXPECT_GT(g.abs().max().item<double>(), 0) << name;
+    }
+  }
+}
+
 TEST(HfModels, UnsupportedOrBrokenFoldersRaiseTypedErrorsNamingTheField) {
   const fs::path dir = peft_test::fresh_dir("hf_broken");
   for (const auto& entry : fs::directory_iterator(case_dir("llama"))) fs::copy(entry.path(), dir / entry.path().filename());

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <string>
 
 namespace peft {
@@ -225,6 +226,63 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlamaDecoderLayer);
 
+namespace detail {
+
+/// Gradient checkpointing of one decoder layer (HF's gradient_checkpointing): the
+/// forward keeps no activations, only its input; backward runs the layer again with
+/// the random generator of the input's device as it was (same dropout masks) and
+/// differentiates that. Gradients reach the input and `params` (the layer's trainable tensors).
+struct RecomputedLayer : torch::autograd::Function<RecomputedLayer> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& cos,
+                               const torch::Tensor& sin, const torch::Tensor& mask_bias, at::TensorList params,
+                               LlamaDecoderLayerImpl* layer) {
+    at::Generator generator = at::globalContext().defaultGenerator(x.device());
+    {
+      std::lock_guard<std::mutex> lock(generator.mutex());
+      ctx->saved_data["rng"] = generator.get_state();
+    }
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    ctx->saved_data["params"] = static_cast<int64_t>(params.size());
+    ctx->save_for_backward({x, cos, sin, mask_bias});
+    return layer->forward(x, cos, sin, mask_bias);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    auto* layer = reinterpret_cast<LlamaDecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    at::Generator generator = at::globalContext().defaultGenerator(saved[0].device());
+    torch::Tensor now;
+    {
+      std::lock_guard<std::mutex> lock(generator.mutex());
+      now = generator.get_state();
+      generator.set_state(ctx->saved_data["rng"].toTensor());
+    }
+    std::vector<torch::Tensor> inputs{saved[0].detach().requires_grad_(true)};
+    for (const auto& p : layer->parameters())
+      if (p.requires_grad()) inputs.push_back(p);
+    torch::Tensor y;
+    {
+      torch::AutoGradMode enable(true);
+      y = layer->forward(inputs[0], saved[1], saved[2], saved[3]);
+    }
+    {
+      std::lock_guard<std::mutex> lock(generator.mutex());
+      generator.set_state(now);
+    }
+    auto grads = torch::autograd::grad({y}, inputs, {grad[0]}, /*retain_graph=*/false, /*create_graph=*/false,
+                                       /*allow_unused=*/true);
+    check<ModelError>(static_cast<int64_t>(grads.size()) == 1 + ctx->saved_data["params"].toInt(),
+                      "gradient checkpointing: the layer's trainable tensors changed between forward and backward");
+    torch::autograd::variable_list out{ctx->needs_input_grad(0) ? grads[0] : torch::Tensor(), torch::Tensor(),
+                                       torch::Tensor(), torch::Tensor()};
+    out.insert(out.end(), grads.begin() + 1, grads.end());
+    out.push_back(torch::Tensor());  // the layer pointer
+    return out;
+  }
+};
+
+}  // namespace detail
+
 /// HF's LlamaModel: embeddings, decoder layers, final norm. The PromptSite.
 class LlamaModelImpl : public torch::nn::Module, public nn::PromptSite {
  public:
@@ -253,9 +311,24 @@ class LlamaModelImpl : public torch::nn::Module, public nn::PromptSite {
     torch::Tensor emb = torch::cat({freqs, freqs}, -1);
     torch::Tensor cos = emb.cos().to(dtype), sin = emb.sin().to(dtype);
     const torch::Tensor bias = mask_bias(attention_mask, T, dtype);
-    for (const auto& layer : *layers) x = layer->as<LlamaDecoderLayerImpl>()->forward(x, cos, sin, bias);
+    const bool recompute = gradient_checkpointing_ && is_training() && torch::GradMode::is_enabled();
+    for (const auto& module : *layers) {
+      auto* layer = module->as<LlamaDecoderLayerImpl>();
+      if (!recompute) {
+        x = layer->forward(x, cos, sin, bias);
+        continue;
+      }
+      std::vector<torch::Tensor> params;
+      for (const auto& p : layer->parameters())
+        if (p.requires_grad()) params.push_back(p);
+      x = detail::RecomputedLayer::apply(x, cos, sin, bias, at::TensorList(params), layer);
+    }
     return norm(drop_prompt(x));
   }
+
+  /// HF's gradient_checkpointing_enable(): in training mode, each decoder layer keeps
+  /// only its input and is run again in backward (memory for compute; same gradients).
+  void gradient_checkpointing(bool on = true) { gradient_checkpointing_ = on; }
 
   nn::Embedding embed_tokens;  ///< [vocab, hidden]
   torch::nn::ModuleList layers;  ///< LlamaDecoderLayer × num_hidden_layers
@@ -279,6 +352,7 @@ class LlamaModelImpl : public torch::nn::Module, public nn::PromptSite {
 
   LlamaConfig c_;
   torch::Tensor inv_freq_;  // fp32, recomputed, not a parameter (HF: a non-persistent buffer)
+  bool gradient_checkpointing_ = false;
 };
 TORCH_MODULE(LlamaModel);
 
@@ -287,6 +361,8 @@ class CausalLMImpl : public torch::nn::Module {
  public:
   /// input_ids [B, T] (int64), attention_mask [B, T] (1 = token; undefined: all) -> logits [B, T, vocab].
   virtual torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) = 0;
+  /// Recompute each decoder layer in backward instead of keeping its activations (training mode).
+  virtual void gradient_checkpointing(bool on = true) = 0;
   /// The config.json it was built from.
   PretrainedConfig config;
 };
@@ -304,6 +380,7 @@ class LlamaForCausalLMImpl : public CausalLMImpl {
   torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) override {
     return lm_head(model(input_ids, attention_mask));
   }
+  void gradient_checkpointing(bool on = true) override { model->gradient_checkpointing(on); }
   LlamaModel model;      ///< the decoder
   nn::Linear lm_head;    ///< [vocab, hidden]; tied: embed_tokens' tensor
 };
