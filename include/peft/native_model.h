@@ -269,18 +269,16 @@ class PeftModel : public peft::detail::PeftModelBase<PeftModel, NamedAdapter> {
   /// safe_merge: ModelError when merging adapter `name` into `l` gives a non-finite weight.
   static void check_merge_is_finite(const std::string& name, const AttachedAdapter& l) {
     torch::NoGradGuard no_grad;
+    torch::Tensor weight, bias;
     if (const auto* table = dynamic_cast<const EmbeddingImpl*>(l.layer)) {
-      torch::Tensor weight = table->weight.clone();
+      weight = table->weight.clone();
       dynamic_cast<EmbeddingAdapter&>(*l.module).merge(weight);
-      check<ModelError>(torch::isfinite(weight).all().item<bool>(),
-                        "safe_merge: merging adapter '{}' into '{}' gives NaN or infinite weights; nothing was merged", name,
-                        l.target);
-      return;
+    } else {
+      const auto& layer = dynamic_cast<const AdaptedLayer&>(*l.layer);
+      weight = layer.frozen_weight().to(layer.weight.scalar_type(), false, /*copy=*/true);
+      if (layer.bias.defined()) bias = layer.bias.clone();
+      dynamic_cast<LinearAdapter&>(*l.module).merge(weight, bias, layer.fan_in_fan_out());
     }
-    const auto& layer = dynamic_cast<const AdaptedLayer&>(*l.layer);
-    torch::Tensor weight = layer.frozen_weight().to(layer.weight.scalar_type(), false, /*copy=*/true), bias = layer.bias;
-    if (bias.defined()) bias = bias.clone();
-    dynamic_cast<LinearAdapter&>(*l.module).merge(weight, bias, layer.fan_in_fan_out());
     check<ModelError>(torch::isfinite(weight).all().item<bool>() && (!bias.defined() || torch::isfinite(bias).all().item<bool>()),
                       "safe_merge: merging adapter '{}' into '{}' gives NaN or infinite weights; nothing was merged", name,
                       l.target);

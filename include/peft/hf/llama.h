@@ -43,7 +43,7 @@ struct LlamaConfig {
   double rope_high_freq_factor = 4;     ///< llama3 scaling's high_freq_factor
   double rope_original_max_positions = 8192;  ///< llama3 scaling's original_max_position_embeddings
 
-  /// Reads `config`; FileError for a bad field, ModelError for a setting that changes the math and is not implemented.
+  /// Reads `config`; FileError for a bad field, ModelError for a setting that changes the math and is not supported.
   static LlamaConfig from(const PretrainedConfig& config) {
     io::ConfigReader r(config.json, config.source);
     LlamaConfig c;
@@ -66,13 +66,13 @@ struct LlamaConfig {
                      "head_dim {} even and positive)",
                      config.source, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     const std::string act = r.get<std::string>("hidden_act", "silu");
-    check<ModelError>(act == "silu", "'{}': hidden_act '{}' is not implemented (the Llama family uses 'silu')",
+    check<ModelError>(act == "silu", "'{}': hidden_act '{}' is not supported (the Llama family uses 'silu')",
                       config.source, act);
     read_rope(r, c, config.source);
     if (c.model_type == "mistral") c.sliding_window = r.get<int64_t>("sliding_window", 0);
     if (c.model_type == "qwen2")
       check<ModelError>(!r.get<bool>("use_sliding_window", false),
-                        "'{}': qwen2 with use_sliding_window true is not implemented", config.source);
+                        "'{}': qwen2 with use_sliding_window true is not supported", config.source);
     return c;
   }
 
@@ -89,7 +89,7 @@ struct LlamaConfig {
     if (!scaling.is_object()) return;
     const std::string type = scaling.value("rope_type", scaling.value("type", std::string("default")));
     if (type == "default") return;
-    check<ModelError>(type == "llama3", "'{}': rope_scaling of type '{}' is not implemented (default and llama3 are)",
+    check<ModelError>(type == "llama3", "'{}': rope_scaling of type '{}' is not supported (default and llama3 are)",
                       source, type);
     try {
       c.rope_factor = scaling.at("factor").get<double>();

@@ -113,15 +113,8 @@ class PromptSite : public AdapterHost {
   }
 
  private:
-  /// The active prompt's slot (prompt learning: one adapter at a time), or nullptr.
   const detail::AdapterSlots::Slot* active(const char* call) const {
-    for (const auto& s : slots_.all())
-      if (s.applies()) {
-        check<OptionError>(!s.sample_mask.defined(), "PromptSite::{}: mixed-adapter batches cannot vary prompts per sample",
-                           call);
-        return &s;
-      }
-    return nullptr;
+    return slots_.single_active(fmt::format("PromptSite::{}: mixed-adapter batches cannot vary prompts per sample", call));
   }
 };
 
@@ -184,12 +177,7 @@ class PrefixSite : public AdapterHost {
 
  private:
   const detail::AdapterSlots::Slot* active() const {
-    for (const auto& s : slots_.all())
-      if (s.applies()) {
-        check<OptionError>(!s.sample_mask.defined(), "PrefixSite: mixed-adapter batches cannot vary prefixes per sample");
-        return &s;
-      }
-    return nullptr;
+    return slots_.single_active("PrefixSite: mixed-adapter batches cannot vary prefixes per sample");
   }
 
   int64_t kv_heads_, head_dim_;

@@ -76,6 +76,16 @@ class AdapterSlots {
   std::vector<Slot>& all() { return slots_; }
   /// Every slot, in the order added.
   const std::vector<Slot>& all() const { return slots_; }
+  /// The first slot that runs (prompt learning: one adapter at a time), or nullptr;
+  /// OptionError `mixed_batch_error` while a mixed-adapter batch runs.
+  const Slot* single_active(const std::string& mixed_batch_error) const {
+    for (const auto& s : slots_)
+      if (s.applies()) {
+        check<OptionError>(!s.sample_mask.defined(), "{}", mixed_batch_error);
+        return &s;
+      }
+    return nullptr;
+  }
   /// Whether some adapter is merged.
   bool any_merged() const {
     return std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.merged; });
