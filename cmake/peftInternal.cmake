@@ -39,7 +39,8 @@ set(PEFT_PYTHON /usr/bin/python3 CACHE FILEPATH "Python interpreter with torch, 
 option(PEFT_WITH_ASSETS "Build the tests and examples that need the USE-Lite model and SpamAssassin data" ON)
 if(PEFT_WITH_ASSETS)
   set(PEFT_ASSETS_DIR ${PROJECT_SOURCE_DIR}/assets CACHE PATH "Where scripts/fetch_assets.sh unpacked the model and data")
-  if(NOT EXISTS ${PEFT_ASSETS_DIR}/use-lite/dist/model.json OR NOT EXISTS ${PEFT_ASSETS_DIR}/moby-dick/data/chapter_1.json)
+  if(NOT EXISTS ${PEFT_ASSETS_DIR}/use-lite/dist/model.json OR NOT EXISTS ${PEFT_ASSETS_DIR}/moby-dick/data/chapter_1.json
+     OR NOT EXISTS ${PEFT_ASSETS_DIR}/all-minilm-l6-v2/model.safetensors)
     execute_process(COMMAND ${CMAKE_COMMAND} -E env ASSETS_DIR=${PEFT_ASSETS_DIR}
                             ${PROJECT_SOURCE_DIR}/scripts/fetch_assets.sh RESULT_VARIABLE _fetch_rc)
     if(NOT _fetch_rc EQUAL 0)
@@ -97,13 +98,20 @@ add_custom_command(OUTPUT ${_case_fixtures}
   COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/export_cases.py --out ${PEFT_FIXTURE_DIR}
   DEPENDS ${PROJECT_SOURCE_DIR}/tools/export_cases.py ${PROJECT_SOURCE_DIR}/tools/export_fixtures.py
   COMMENT "Exporting the real-world case fixtures")
-# Tiny Hugging Face checkpoint folders (Llama family) with logits from a plain-PyTorch reference.
+# Tiny Hugging Face checkpoint folders (Llama family, GPT-2, BERT, RoBERTa) with outputs from a
+# plain-PyTorch reference; with the assets, also the real all-MiniLM-L6-v2's outputs.
 set(_hf_fixtures)
-foreach(case llama llama_bias_headdim llama_sharded llama_bf16 llama_f16 mistral qwen2)
+foreach(case llama llama_bias_headdim llama_sharded llama_bf16 llama_f16 mistral qwen2 llama_seqcls
+             gpt2 gpt2_layer_scaled_bf16 gpt2_seqcls bert_seqcls bert_base bert_base_bf16 roberta_seqcls)
   list(APPEND _hf_fixtures ${PEFT_FIXTURE_DIR}/hf/${case}/expected.safetensors)
 endforeach()
+set(_hf_real)
+if(PEFT_WITH_ASSETS)
+  set(_hf_real --real ${PEFT_ASSETS_DIR}/all-minilm-l6-v2)
+  list(APPEND _hf_fixtures ${PEFT_FIXTURE_DIR}/hf/all-minilm-l6-v2.expected.safetensors)
+endif()
 add_custom_command(OUTPUT ${_hf_fixtures}
-  COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/hf_reference.py --out ${PEFT_FIXTURE_DIR}/hf
+  COMMAND ${PEFT_PYTHON} ${PROJECT_SOURCE_DIR}/tools/hf_reference.py --out ${PEFT_FIXTURE_DIR}/hf ${_hf_real}
   DEPENDS ${PROJECT_SOURCE_DIR}/tools/hf_reference.py
   COMMENT "Writing the tiny Hugging Face checkpoints")
 add_custom_target(peft_fixtures ALL DEPENDS ${_fixtures} ${_attention_fixtures} ${PEFT_LM_FIXTURE} ${_case_fixtures} ${_hf_fixtures})

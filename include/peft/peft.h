@@ -31,6 +31,7 @@
 
 #include <peft/checkpoint.h>
 #include <peft/generation/generate.h>
+#include <peft/generation/hf.h>
 #include <peft/hf/auto.h>
 #include <peft/lora/weighted.h>
 #include <peft/native_model.h>

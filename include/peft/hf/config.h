@@ -8,6 +8,7 @@
 #include <peft/io/safetensors.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -101,17 +102,65 @@ inline std::map<std::string, torch::Tensor> load_checkpoint(const std::filesyste
   return out;
 }
 
+/// How an architecture's parameter names relate to checkpoint keys (HF's
+/// base_model_prefix, tied weights, task heads, buffers old files keep).
+struct CheckpointLayout {
+  /// The body's module name ("model", "transformer", "bert", "roberta"): a checkpoint of the
+  /// body alone (keys without it) loads into a model with a head, and one with it into the body alone.
+  std::string base_model_prefix;
+  /// Parameters that share another's tensor and may be absent from the file.
+  std::set<std::string> tied;
+  /// Module prefixes of task heads that are initialised anew when the file lacks them ("classifier.").
+  std::vector<std::string> new_heads;
+  /// Checkpoint keys this architecture does not use, by prefix (other tasks' heads: "cls.", "lm_head.").
+  std::vector<std::string> ignored_prefixes;
+  /// Checkpoint keys this architecture does not use, by suffix (buffers old files keep: ".attn.bias").
+  std::vector<std::string> ignored_suffixes;
+};
+
+namespace detail {
+
+inline bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+inline bool ends_with(const std::string& s, const std::string& p) {
+  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
+}
+
+/// Renames `checkpoint`'s keys to the model's side of base_model_prefix (HF's from_pretrained does the same).
+inline std::map<std::string, torch::Tensor> match_prefix(std::map<std::string, torch::Tensor> checkpoint,
+                                                         const torch::nn::Module& model, const std::string& prefix) {
+  if (prefix.empty()) return checkpoint;
+  const std::string dotted = prefix + ".";
+  bool model_has = false, file_has = false;
+  for (const auto& p : model.named_parameters()) model_has = model_has || starts_with(p.key(), dotted);
+  for (const auto& entry : checkpoint) file_has = file_has || starts_with(entry.first, dotted);
+  if (model_has == file_has) return checkpoint;
+  const auto params = model.named_parameters();
+  std::map<std::string, torch::Tensor> out;
+  for (auto& [key, t] : checkpoint) {
+    const std::string renamed = model_has ? dotted + key : starts_with(key, dotted) ? key.substr(dotted.size()) : key;
+    out[params.contains(renamed) ? renamed : key] = std::move(t);
+  }
+  return out;
+}
+
+}  // namespace detail
+
 /// Copies `checkpoint` into `model`'s parameters by name (HF's names), converting
-/// dtypes. FileError naming the key for a missing tensor or a shape mismatch, and
-/// for a checkpoint tensor the model has no parameter for. `tied`: parameters
-/// that share another's tensor and may be absent from the file.
-inline void assign_checkpoint(torch::nn::Module& model, std::map<std::string, torch::Tensor> checkpoint,
-                              const std::string& dir, const std::set<std::string>& tied = {}) {
+/// dtypes, and returns the names of head parameters the file lacked (initialised
+/// anew, as HF's "newly initialized" weights). FileError naming the key for a
+/// missing tensor, a shape mismatch, or a tensor the model has no place for.
+inline std::vector<std::string> assign_checkpoint(torch::nn::Module& model, std::map<std::string, torch::Tensor> checkpoint,
+                                                  const std::string& dir, const CheckpointLayout& layout = {}) {
   torch::NoGradGuard no_grad;
+  checkpoint = detail::match_prefix(std::move(checkpoint), model, layout.base_model_prefix);
+  std::vector<std::string> initialised;
   for (auto& p : model.named_parameters()) {
     auto it = checkpoint.find(p.key());
     if (it == checkpoint.end()) {
-      check<FileError>(tied.count(p.key()) > 0, "'{}': the checkpoint has no tensor '{}'", dir, p.key());
+      const bool head = std::any_of(layout.new_heads.begin(), layout.new_heads.end(),
+                                    [&](const std::string& h) { return detail::starts_with(p.key(), h); });
+      check<FileError>(head || layout.tied.count(p.key()) > 0, "'{}': the checkpoint has no tensor '{}'", dir, p.key());
+      if (head) initialised.push_back(p.key());
       continue;
     }
     check<FileError>(it->second.sizes() == p.value().sizes(), "'{}': tensor '{}' is {}, the model expects {}", dir,
@@ -119,12 +168,19 @@ inline void assign_checkpoint(torch::nn::Module& model, std::map<std::string, to
     p.value().copy_(it->second);
     checkpoint.erase(it);
   }
-  for (const auto& name : tied) checkpoint.erase(name);
   std::vector<std::string> unused;
-  for (const auto& entry : checkpoint)
-    if (entry.first.find("rotary_emb.inv_freq") == std::string::npos) unused.push_back(entry.first);  // old files keep it
+  for (const auto& entry : checkpoint) {
+    const std::string& key = entry.first;
+    const bool ignored = layout.tied.count(key) > 0 || key.find("rotary_emb.inv_freq") != std::string::npos ||
+                         std::any_of(layout.ignored_prefixes.begin(), layout.ignored_prefixes.end(),
+                                     [&](const std::string& p) { return detail::starts_with(key, p); }) ||
+                         std::any_of(layout.ignored_suffixes.begin(), layout.ignored_suffixes.end(),
+                                     [&](const std::string& p) { return detail::ends_with(key, p); });
+    if (!ignored) unused.push_back(key);
+  }
   check<FileError>(unused.empty(), "'{}': the checkpoint has tensors this architecture does not use: {}", dir,
                    join_names(unused));
+  return initialised;
 }
 
 }  // namespace hf

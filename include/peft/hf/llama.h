@@ -8,14 +8,13 @@
 
 #include <peft/core/error.h>
 #include <peft/hf/config.h>
+#include <peft/hf/modeling.h>
 #include <peft/nn/embedding.h>
 #include <peft/nn/linear.h>
 #include <peft/nn/sites.h>
 #include <torch/torch.h>
 
 #include <cmath>
-#include <limits>
-#include <mutex>
 #include <string>
 
 namespace peft {
@@ -42,6 +41,8 @@ struct LlamaConfig {
   double rope_low_freq_factor = 1;      ///< llama3 scaling's low_freq_factor
   double rope_high_freq_factor = 4;     ///< llama3 scaling's high_freq_factor
   double rope_original_max_positions = 8192;  ///< llama3 scaling's original_max_position_embeddings
+  int64_t pad_token_id = -1;            ///< sequence classification pools the last other token (-1: none)
+  double initializer_range = 0.02;      ///< std of a new classification head
 
   /// Reads `config`; FileError for a bad field, ModelError for a setting that changes the math and is not supported.
   static LlamaConfig from(const PretrainedConfig& config) {
@@ -60,6 +61,8 @@ struct LlamaConfig {
     c.attention_bias = c.model_type == "qwen2" || r.get<bool>("attention_bias", false);
     c.mlp_bias = r.get<bool>("mlp_bias", false);
     c.tie_word_embeddings = r.get<bool>("tie_word_embeddings", false);
+    c.pad_token_id = r.get<int64_t>("pad_token_id", -1);
+    c.initializer_range = r.get<double>("initializer_range", 0.02);
     check<FileError>(c.vocab_size > 0 && c.hidden_size > 0 && c.num_attention_heads > 0 && c.num_key_value_heads > 0 &&
                          c.num_attention_heads % c.num_key_value_heads == 0 && c.head_dim > 0 && c.head_dim % 2 == 0,
                      "'{}': inconsistent sizes (num_attention_heads {} must be a multiple of num_key_value_heads {}, "
@@ -157,15 +160,17 @@ class LlamaAttentionImpl : public torch::nn::Module, public nn::PrefixSite, publ
     return nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
   }
 
-  /// x [B, T, hidden], cos/sin [T, head_dim], mask_bias [B, 1, T, T] (0 or the dtype's minimum) -> [B, T, hidden].
+  /// x [B, T, hidden], cos/sin [B or 1, 1, T, head_dim], mask_bias [B, 1, T, S + T] (0 or the dtype's minimum)
+  /// -> [B, T, hidden]. With `cache`, the S cached keys and values of layer `index` come first (and T are added).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        const torch::Tensor& mask_bias) {
+                        const torch::Tensor& mask_bias, KVCache* cache = nullptr, size_t index = 0) {
     const int64_t B = x.size(0), T = x.size(1), H = c_.num_attention_heads, KV = c_.num_key_value_heads, D = c_.head_dim;
     torch::Tensor q = q_proj(x).view({B, T, H, D}).transpose(1, 2);
     torch::Tensor k = k_proj(x).view({B, T, KV, D}).transpose(1, 2);
     torch::Tensor v = v_proj(x).view({B, T, KV, D}).transpose(1, 2);
     q = q * cos + detail::rotate_half(q) * sin;
     k = k * cos + detail::rotate_half(k) * sin;
+    if (cache) std::tie(k, v) = cache->update(index, k, v);
     std::tie(k, v) = add_prefix(k, v);
     const int64_t S = k.size(2);
     k = k.unsqueeze(2).expand({B, KV, H / KV, S, D}).reshape({B, H, S, D});  // HF's repeat_kv
@@ -206,7 +211,7 @@ class LlamaMLPImpl : public torch::nn::Module, public nn::OutputSite {
 TORCH_MODULE(LlamaMLP);
 
 /// HF's LlamaDecoderLayer (pre-norm).
-class LlamaDecoderLayerImpl : public torch::nn::Module {
+class LlamaDecoderLayerImpl : public torch::nn::Module, public detail::CheckpointableLayer {
  public:
   /// A layer of `c`'s sizes.
   explicit LlamaDecoderLayerImpl(const LlamaConfig& c)
@@ -215,73 +220,23 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
         post_attention_layernorm(register_module("post_attention_layernorm", detail::RMSNorm(c.hidden_size, c.rms_norm_eps))),
         mlp(register_module("mlp", LlamaMLP(c))) {}
   /// See LlamaAttentionImpl::forward.
-  torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask_bias) {
-    x = x + self_attn(input_layernorm(x), cos, sin, mask_bias);
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask_bias,
+                        KVCache* cache = nullptr, size_t index = 0) {
+    x = x + self_attn(input_layernorm(x), cos, sin, mask_bias, cache, index);
     return x + mlp(post_attention_layernorm(x));
   }
+  /// forward(x, extra[0] = cos, extra[1] = sin, extra[2] = mask_bias).
+  torch::Tensor layer_forward(const torch::Tensor& x, const std::vector<torch::Tensor>& extra) override {
+    return forward(x, extra[0], extra[1], extra[2]);
+  }
+  /// The layer itself (gradient checkpointing differentiates its parameters).
+  torch::nn::Module& layer_module() override { return *this; }
   detail::RMSNorm input_layernorm;           ///< before attention
   LlamaAttention self_attn;                  ///< attention
   detail::RMSNorm post_attention_layernorm;  ///< before the MLP
   LlamaMLP mlp;                              ///< SwiGLU MLP
 };
 TORCH_MODULE(LlamaDecoderLayer);
-
-namespace detail {
-
-/// Gradient checkpointing of one decoder layer (HF's gradient_checkpointing): the
-/// forward keeps no activations, only its input; backward runs the layer again with
-/// the random generator of the input's device as it was (same dropout masks) and
-/// differentiates that. Gradients reach the input and `params` (the layer's trainable tensors).
-struct RecomputedLayer : torch::autograd::Function<RecomputedLayer> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& cos,
-                               const torch::Tensor& sin, const torch::Tensor& mask_bias, at::TensorList params,
-                               LlamaDecoderLayerImpl* layer) {
-    at::Generator generator = at::globalContext().defaultGenerator(x.device());
-    {
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      ctx->saved_data["rng"] = generator.get_state();
-    }
-    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
-    ctx->saved_data["params"] = static_cast<int64_t>(params.size());
-    ctx->save_for_backward({x, cos, sin, mask_bias});
-    return layer->forward(x, cos, sin, mask_bias);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grad) {
-    const auto saved = ctx->get_saved_variables();
-    auto* layer = reinterpret_cast<LlamaDecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
-    at::Generator generator = at::globalContext().defaultGenerator(saved[0].device());
-    torch::Tensor now;
-    {
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      now = generator.get_state();
-      generator.set_state(ctx->saved_data["rng"].toTensor());
-    }
-    std::vector<torch::Tensor> inputs{saved[0].detach().requires_grad_(true)};
-    for (const auto& p : layer->parameters())
-      if (p.requires_grad()) inputs.push_back(p);
-    torch::Tensor y;
-    {
-      torch::AutoGradMode enable(true);
-      y = layer->forward(inputs[0], saved[1], saved[2], saved[3]);
-    }
-    {
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      generator.set_state(now);
-    }
-    auto grads = torch::autograd::grad({y}, inputs, {grad[0]}, /*retain_graph=*/false, /*create_graph=*/false,
-                                       /*allow_unused=*/true);
-    check<ModelError>(static_cast<int64_t>(grads.size()) == 1 + ctx->saved_data["params"].toInt(),
-                      "gradient checkpointing: the layer's trainable tensors changed between forward and backward");
-    torch::autograd::variable_list out{ctx->needs_input_grad(0) ? grads[0] : torch::Tensor(), torch::Tensor(),
-                                       torch::Tensor(), torch::Tensor()};
-    out.insert(out.end(), grads.begin() + 1, grads.end());
-    out.push_back(torch::Tensor());  // the layer pointer
-    return out;
-  }
-};
-
-}  // namespace detail
 
 /// HF's LlamaModel: embeddings, decoder layers, final norm. The PromptSite.
 class LlamaModelImpl : public torch::nn::Module, public nn::PromptSite {
@@ -297,32 +252,30 @@ class LlamaModelImpl : public torch::nn::Module, public nn::PromptSite {
   }
   torch::Tensor input_embeddings_weight() override { return embed_tokens->weight; }
 
-  /// input_ids [B, T], attention_mask [B, T] (1 = token; undefined: all) -> hidden states [B, T, hidden].
-  /// Positions 0..T-1 (as HF's forward without position_ids), causal (and sliding-window) masking.
-  torch::Tensor forward(const torch::Tensor& input_ids, torch::Tensor attention_mask = {}) {
+  /// input_ids [B, T], attention_mask [B, S + T] (1 = token; undefined: all), position_ids [B, T] (undefined:
+  /// S..S+T-1, as HF's forward without them), `cache` with S positions (null: none) -> hidden states [B, T, hidden].
+  /// Causal (and sliding-window) masking. ModelError for a cache with an active prompt.
+  torch::Tensor forward(const torch::Tensor& input_ids, torch::Tensor attention_mask = {}, const torch::Tensor& position_ids = {},
+                        KVCache* cache = nullptr) {
     check<ShapeError>(input_ids.dim() == 2, "LlamaModel: expected input_ids [batch, seq], got {}", shape_str(input_ids.sizes()));
-    if (!attention_mask.defined()) attention_mask = torch::ones_like(input_ids);
+    detail::check_cache_without_prompt(cache, prompt_length(), "LlamaModel");
+    const int64_t past = cache ? cache->length() : 0;
+    if (!attention_mask.defined()) attention_mask = torch::ones({input_ids.size(0), past + input_ids.size(1)}, input_ids.options());
     torch::Tensor x = add_prompt(embed_tokens(input_ids));
     attention_mask = extend_mask(attention_mask);
     const int64_t T = x.size(1);
     const auto dtype = x.scalar_type();
-    torch::Tensor positions = torch::arange(T, torch::TensorOptions().dtype(torch::kFloat).device(x.device()));
-    torch::Tensor freqs = torch::outer(positions, inv_freq_.to(x.device()));
-    torch::Tensor emb = torch::cat({freqs, freqs}, -1);
+    torch::Tensor positions = detail::positions_or_default(position_ids, past, T, x.device()).to(torch::kFloat);
+    torch::Tensor freqs = positions.unsqueeze(-1) * inv_freq_.to(x.device());  // [B or 1, T, head_dim / 2]
+    torch::Tensor emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);
     torch::Tensor cos = emb.cos().to(dtype), sin = emb.sin().to(dtype);
-    const torch::Tensor bias = mask_bias(attention_mask, T, dtype);
-    const bool recompute = gradient_checkpointing_ && is_training() && torch::GradMode::is_enabled();
-    for (const auto& module : *layers) {
-      auto* layer = module->as<LlamaDecoderLayerImpl>();
-      if (!recompute) {
-        x = layer->forward(x, cos, sin, bias);
-        continue;
-      }
-      std::vector<torch::Tensor> params;
-      for (const auto& p : layer->parameters())
-        if (p.requires_grad()) params.push_back(p);
-      x = detail::RecomputedLayer::apply(x, cos, sin, bias, at::TensorList(params), layer);
+    const torch::Tensor bias = detail::causal_bias(attention_mask, T, c_.sliding_window, dtype);
+    if (cache) {
+      for (size_t i = 0; i < layers->size(); ++i) x = layers->ptr(i)->as<LlamaDecoderLayerImpl>()->forward(x, cos, sin, bias, cache, i);
+      return norm(x);
     }
+    const bool recompute = gradient_checkpointing_ && is_training() && torch::GradMode::is_enabled();
+    x = detail::run_layers<LlamaDecoderLayerImpl>(layers, x, {cos, sin, bias}, recompute);
     return norm(drop_prompt(x));
   }
 
@@ -335,38 +288,11 @@ class LlamaModelImpl : public torch::nn::Module, public nn::PromptSite {
   detail::RMSNorm norm;        ///< the final norm
 
  private:
-  /// [B, 1, T, T]: 0 where query i sees key j (j <= i, within the sliding window, a token), else the dtype's minimum.
-  torch::Tensor mask_bias(const torch::Tensor& attention_mask, int64_t T, torch::ScalarType dtype) const {
-    const auto device = attention_mask.device();
-    torch::Tensor q = torch::arange(T, torch::TensorOptions().dtype(torch::kLong).device(device)).unsqueeze(1);
-    torch::Tensor k = q.transpose(0, 1);
-    torch::Tensor allowed = k <= q;
-    if (c_.sliding_window > 0) allowed = allowed & (k > q - c_.sliding_window);
-    allowed = allowed.view({1, 1, T, T}) & attention_mask.to(torch::kBool).view({attention_mask.size(0), 1, 1, T});
-    const double lowest = dtype == torch::kBFloat16 ? -3.3895313892515355e38
-                          : dtype == torch::kHalf   ? -65504.0
-                                                    : static_cast<double>(std::numeric_limits<float>::lowest());
-    return torch::zeros(allowed.sizes(), torch::TensorOptions().dtype(dtype).device(device))
-        .masked_fill(allowed.logical_not(), lowest);
-  }
-
   LlamaConfig c_;
   torch::Tensor inv_freq_;  // fp32, recomputed, not a parameter (HF: a non-persistent buffer)
   bool gradient_checkpointing_ = false;
 };
 TORCH_MODULE(LlamaModel);
-
-/// A causal LM of any supported architecture: forward gives logits.
-class CausalLMImpl : public torch::nn::Module {
- public:
-  /// input_ids [B, T] (int64), attention_mask [B, T] (1 = token; undefined: all) -> logits [B, T, vocab].
-  virtual torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) = 0;
-  /// Recompute each decoder layer in backward instead of keeping its activations (training mode).
-  virtual void gradient_checkpointing(bool on = true) = 0;
-  /// The config.json it was built from.
-  PretrainedConfig config;
-};
-TORCH_MODULE(CausalLM);
 
 /// HF's LlamaForCausalLM (also MistralForCausalLM, Qwen2ForCausalLM): `model`, `lm_head`.
 class LlamaForCausalLMImpl : public CausalLMImpl {
@@ -380,9 +306,35 @@ class LlamaForCausalLMImpl : public CausalLMImpl {
   torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) override {
     return lm_head(model(input_ids, attention_mask));
   }
+  torch::Tensor forward_cached(const torch::Tensor& input_ids, const torch::Tensor& attention_mask,
+                               const torch::Tensor& position_ids, KVCache* cache) override {
+    return lm_head(model(input_ids, attention_mask, position_ids, cache));
+  }
   void gradient_checkpointing(bool on = true) override { model->gradient_checkpointing(on); }
   LlamaModel model;      ///< the decoder
   nn::Linear lm_head;    ///< [vocab, hidden]; tied: embed_tokens' tensor
+};
+
+/// HF's LlamaForSequenceClassification (also Mistral's, Qwen2's): `model`, `score`
+/// (no bias) on the last token that is not config.json's pad_token_id.
+class LlamaForSequenceClassificationImpl : public SequenceClassifierImpl {
+ public:
+  /// The model `c` describes with a `num_labels`-way head (random weights until loaded).
+  LlamaForSequenceClassificationImpl(const LlamaConfig& c, int64_t num_labels)
+      : model(register_module("model", LlamaModel(c))),
+        score(register_module("score", nn::Linear(torch::nn::LinearOptions(c.hidden_size, num_labels).bias(false)))),
+        pad_token_id_(c.pad_token_id) {
+    detail::init_head(*score, c.initializer_range);
+  }
+  torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) override {
+    return score(detail::last_token(model(input_ids, attention_mask), input_ids, pad_token_id_, "LlamaForSequenceClassification"));
+  }
+  void gradient_checkpointing(bool on = true) override { model->gradient_checkpointing(on); }
+  LlamaModel model;   ///< the decoder
+  nn::Linear score;   ///< [num_labels, hidden]
+
+ private:
+  int64_t pad_token_id_;
 };
 
 }  // namespace hf

@@ -104,6 +104,11 @@ class PromptSite : public AdapterHost {
     const int64_t k = s->as<PromptAdapter>().prompt().size(0);
     return torch::cat({torch::ones({mask.size(0), k}, mask.options()), mask}, 1);
   }
+  /// The active prompt's length k (0 without one).
+  int64_t prompt_length() const {
+    const auto* s = active("prompt_length");
+    return s ? s->as<PromptAdapter>().prompt().size(0) : 0;
+  }
   /// The stack's output [B, k + T, D] -> [B, T, D] (unless the adapter keeps the prompt positions).
   torch::Tensor drop_prompt(const torch::Tensor& h) {
     const auto* s = active("drop_prompt");

@@ -1,0 +1,75 @@
+#pragma once
+/// @file
+/// peft::generate for the causal LMs of Hugging Face folders (peft::hf::CausalLM):
+/// the same options and decoding as for TorchScript models, with a KV cache
+/// (peft::hf::KVCache) and HF generate's positions for left-padded batches.
+/// Adapters attached by get_peft_model stay active (LoRA and the other layer
+/// methods unmerged, prefix tuning per step); prompt tuning runs uncached.
+
+#include <peft/core/error.h>
+#include <peft/generation/generate.h>
+#include <peft/hf/modeling.h>
+#include <peft/nn/sites.h>
+#include <torch/torch.h>
+
+namespace peft {
+
+namespace detail {
+
+/// The longest active prompt of the model's PromptSites (0: none).
+inline int64_t active_prompt_length(torch::nn::Module& model) {
+  int64_t longest = 0;
+  for (const auto& module : model.modules(/*include_self=*/true))
+    if (auto* site = dynamic_cast<nn::PromptSite*>(module.get())) longest = std::max(longest, site->prompt_length());
+  return longest;
+}
+
+/// Every step runs the whole sequence, at HF generate's positions (none with a prompt: HF peft ignores them then).
+inline NextLogits hf_uncached(hf::CausalLMImpl& model, bool with_positions) {
+  return [&model, with_positions](const torch::Tensor& sequences, const torch::Tensor& mask) {
+    const torch::Tensor positions = with_positions ? hf::detail::positions_from_mask(mask) : torch::Tensor();
+    return model.forward_cached(sequences, mask, positions, nullptr).select(1, -1);
+  };
+}
+
+/// The first step runs the prompt into a fresh cache; each later one the new token only.
+inline NextLogits hf_cached(hf::CausalLMImpl& model) {
+  auto cache = std::make_shared<hf::KVCache>();
+  return [&model, cache](const torch::Tensor& sequences, const torch::Tensor& mask) {
+    const int64_t done = cache->length(), fresh = sequences.size(1) - done;
+    const torch::Tensor positions = hf::detail::positions_from_mask(mask).narrow(1, done, fresh);
+    return model.forward_cached(sequences.narrow(1, done, fresh), mask, positions, cache.get()).select(1, -1);
+  };
+}
+
+}  // namespace detail
+
+/// Continues `input_ids` [B, T] (int64, left-padded, with `attention_mask` [B, T])
+/// by up to max_new_tokens tokens from a peft::hf causal LM. Returns [B, T + N].
+/// Positions are HF generate's (cumsum(mask) - 1), so a padded row continues as
+/// it would alone. With use_cache each step after the first runs on the new token
+/// only (a peft::hf::KVCache); while a prompt-tuning adapter is active, forward
+/// re-runs on the whole sequence (virtual tokens are not cached). Eval mode for
+/// the call, the module's mode restored after. Errors: as peft::generate's.
+///
+/// ```
+/// auto model = peft::hf::AutoModelForCausalLM::from_pretrained("Qwen2-0.5B");
+/// auto batch = peft::left_pad({{9707, 11}, {40}}, /*pad_token_id=*/0);
+/// torch::Tensor out = peft::generate(*model, batch.input_ids, batch.attention_mask,
+///                                    peft::GenerationOptions().max_new_tokens(20));
+/// ```
+inline torch::Tensor generate(hf::CausalLMImpl& model, const torch::Tensor& input_ids, const torch::Tensor& attention_mask,
+                              const GenerationOptions& options = {}) {
+  const bool was_training = model.is_training();
+  model.eval();
+  struct Restore {
+    hf::CausalLMImpl& m;
+    bool training;
+    ~Restore() { m.train(training); }
+  } restore{model, was_training};
+  const bool prompt = detail::active_prompt_length(model) > 0;
+  return detail::decode(options.use_cache() && !prompt ? detail::hf_cached(model) : detail::hf_uncached(model, !prompt),
+                        input_ids, attention_mask, options);
+}
+
+}  // namespace peft
