@@ -40,7 +40,7 @@ option(PEFT_WITH_ASSETS "Build the tests and examples that need the USE-Lite mod
 if(PEFT_WITH_ASSETS)
   set(PEFT_ASSETS_DIR ${PROJECT_SOURCE_DIR}/assets CACHE PATH "Where scripts/fetch_assets.sh unpacked the model and data")
   if(NOT EXISTS ${PEFT_ASSETS_DIR}/use-lite/dist/model.json OR NOT EXISTS ${PEFT_ASSETS_DIR}/moby-dick/data/chapter_1.json
-     OR NOT EXISTS ${PEFT_ASSETS_DIR}/all-minilm-l6-v2/model.safetensors)
+     OR NOT EXISTS ${PEFT_ASSETS_DIR}/all-minilm-l6-v2/model.safetensors OR NOT EXISTS ${PEFT_ASSETS_DIR}/hf-tokenizers-js/package.json)
     execute_process(COMMAND ${CMAKE_COMMAND} -E env ASSETS_DIR=${PEFT_ASSETS_DIR}
                             ${PROJECT_SOURCE_DIR}/scripts/fetch_assets.sh RESULT_VARIABLE _fetch_rc)
     if(NOT _fetch_rc EQUAL 0)

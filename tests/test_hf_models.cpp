@@ -368,18 +368,22 @@ TEST(HfModels, CachedGenerationEqualsUncached) {
       const torch::Tensor uncached = peft::generate(*model, batch.input_ids, batch.attention_mask, options.use_cache(false));
       EXPECT_TRUE(torch::equal(cached, uncached)) << cached << uncached;
       EXPECT_EQ(cached.sizes(), torch::IntArrayRef({2, 14}));
-      if (adapter == "prompt") continue;  // no cache with virtual tokens; positions 0..P+T-1 over the padding, as in HF peft
-      const torch::Tensor alone = peft::generate(*model, torch::tensor({{41, 7, 88}}), torch::ones({1, 3}, torch::kLong), options);
-      EXPECT_TRUE(torch::equal(alone, cached[1].narrow(0, 3, 11).unsqueeze(0))) << "the padded row continues as it does alone";
+      if (adapter == "prompt") continue;  // no cache with virtual tokens
+      if (adapter != "prefix") {  // with virtual positions, positions count from the first column, as in HF peft
+        const torch::Tensor alone = peft::generate(*model, torch::tensor({{41, 7, 88}}), torch::ones({1, 3}, torch::kLong), options);
+        EXPECT_TRUE(torch::equal(alone, cached[1].narrow(0, 3, 11).unsqueeze(0))) << "the padded row continues as it does alone";
+      }
       torch::NoGradGuard no_grad;  // the cache's logits, step by step, against one forward over everything
       const torch::Tensor mask = torch::ones({2, 14}, torch::kLong).index_put_({1, torch::indexing::Slice(0, 3)}, 0);
-      const torch::Tensor positions = peft::hf::detail::positions_from_mask(mask);
+      const torch::Tensor positions = adapter == "prefix" ? torch::Tensor() : peft::hf::detail::positions_from_mask(mask);
+      auto first_columns = [&](int64_t n) { return positions.defined() ? positions.narrow(1, 0, n) : positions; };
+      auto column = [&](int64_t t) { return positions.defined() ? positions.narrow(1, t, 1) : positions; };
       const torch::Tensor full = model->forward_cached(cached, mask, positions, nullptr);
       peft::hf::KVCache cache;
-      torch::Tensor first = model->forward_cached(cached.narrow(1, 0, 10), mask.narrow(1, 0, 10), positions.narrow(1, 0, 10), &cache);
+      torch::Tensor first = model->forward_cached(cached.narrow(1, 0, 10), mask.narrow(1, 0, 10), first_columns(10), &cache);
       EXPECT_LE(kept_difference(first, full.narrow(1, 0, 10), mask.narrow(1, 0, 10)), 1e-5);
       for (int64_t t = 10; t < 14; ++t) {
-        torch::Tensor step = model->forward_cached(cached.narrow(1, t, 1), mask.narrow(1, 0, t + 1), positions.narrow(1, t, 1), &cache);
+        torch::Tensor step = model->forward_cached(cached.narrow(1, t, 1), mask.narrow(1, 0, t + 1), column(t), &cache);
         EXPECT_LE((step.select(1, 0) - full.select(1, t)).abs().max().item<double>(), 1e-5) << t;
       }
       EXPECT_EQ(cache.length(), 14);
@@ -458,6 +462,23 @@ fs::path adapted_classifier() {
   return dir;
 }
 
+/// A copy of case `name` with a prompt- or prefix-tuning adapter made in C++ (task_type CAUSAL_LM, so HF peft
+/// loads it in PeftModelForCausalLM) and the adapted logits in its expected.safetensors.
+fs::path adapted_with_virtual_positions(const std::string& name, const std::string& method) {
+  const fs::path dir = peft_test::fresh_dir("hf_" + method + "_" + name);
+  for (const auto& entry : fs::directory_iterator(case_dir(name))) fs::copy(entry.path(), dir / entry.path().filename());
+  peft::hf::CausalLM model = peft::hf::AutoModelForCausalLM::from_pretrained(dir);
+  const peft::PeftConfig config = method == "prompt" ? peft::PeftConfig(peft::PromptTuningConfig().num_virtual_tokens(3))
+                                                     : peft::PeftConfig(peft::PrefixTuningConfig().num_virtual_tokens(3));
+  peft::nn::PeftModel peft_model = peft::get_peft_model(model, config);
+  peft_model.save_pretrained(dir / "adapter");
+  const Expected e = expected_of(dir);
+  torch::NoGradGuard no_grad;
+  peft::io::save_safetensors(dir / "expected.safetensors", {{"input_ids", e.input_ids}, {"attention_mask", e.attention_mask},
+                                                            {"logits", model->forward(e.input_ids, e.attention_mask)}});
+  return dir;
+}
+
 /// dir/generated.safetensors: two left-padded prompts and 10 greedy tokens from `model`, stopping at its eos_token_id.
 void write_generated(const fs::path& dir, peft::hf::CausalLMImpl& model) {
   const peft::PromptBatch batch = two_prompts();
@@ -490,6 +511,8 @@ TEST(RealHfTransformers, LoadsTheFixturesAndWhatCppSaves) {
   std::string folders;
   for (const auto& c : kCases) folders += " " + case_dir(c.name).string();
   folders += " " + saved.string() + " " + adapted.string() + " " + adapted_classifier().string();
+  for (const char* method : {"prompt", "prefix"})  // HF peft's prompt learning on transformers' models: same outputs
+    for (const char* name : {"llama", "gpt2"}) folders += " " + adapted_with_virtual_positions(name, method).string();
   write_generated(adapted, *model);  // greedy generation, with the LoRA adapter active, to compare with transformers'
   for (const char* name : {"gpt2", "mistral"}) {
     const fs::path dir = peft_test::fresh_dir(std::string("hf_generated_") + name);

@@ -9,6 +9,7 @@
 #include <peft/peft_model_base.h>
 #include <peft/core/trainable.h>
 #include <peft/nn/inject.h>
+#include <peft/nn/sites.h>
 #include <peft/tuner.h>
 #include <torch/torch.h>
 
@@ -218,7 +219,11 @@ class PeftModel : public peft::detail::PeftModelBase<PeftModel, NamedAdapter> {
   }
 
   /// Config fields read off the built adapter.
-  static void describe(const Adapter& a, nlohmann::json& j) { a.tuner->describe(j); }
+  void describe(const Adapter& a, nlohmann::json& j) const {
+    a.tuner->describe(j);
+    if (const auto* task = dynamic_cast<const nn::PeftTask*>(model_.get()); task && j.value("task_type", nlohmann::json()).is_null())
+      j["task_type"] = task->peft_task_type();
+  }
 
   /// Takes out an adapter whose file did not load.
   void remove_failed(const std::string& name) { remove_adapter(name); }

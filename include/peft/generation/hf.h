@@ -24,7 +24,16 @@ inline int64_t active_prompt_length(torch::nn::Module& model) {
   return longest;
 }
 
-/// Every step runs the whole sequence, at HF generate's positions (none with a prompt: HF peft ignores them then).
+/// Whether an active prompt or prefix adds virtual positions to the model's input or attention.
+inline bool adds_virtual_positions(torch::nn::Module& model) {
+  for (const auto& module : model.modules(/*include_self=*/true)) {
+    if (auto* prompt = dynamic_cast<nn::PromptSite*>(module.get()); prompt && prompt->prompt_length() > 0) return true;
+    if (auto* prefix = dynamic_cast<nn::PrefixSite*>(module.get()); prefix && prefix->prefix_length() > 0) return true;
+  }
+  return false;
+}
+
+/// Every step runs the whole sequence, at HF generate's positions (none with a prompt or prefix: HF peft ignores them then).
 inline NextLogits hf_uncached(hf::CausalLMImpl& model, bool with_positions) {
   return [&model, with_positions](const torch::Tensor& sequences, const torch::Tensor& mask) {
     const torch::Tensor positions = with_positions ? hf::detail::positions_from_mask(mask) : torch::Tensor();
@@ -33,11 +42,12 @@ inline NextLogits hf_uncached(hf::CausalLMImpl& model, bool with_positions) {
 }
 
 /// The first step runs the prompt into a fresh cache; each later one the new token only.
-inline NextLogits hf_cached(hf::CausalLMImpl& model) {
+inline NextLogits hf_cached(hf::CausalLMImpl& model, bool with_positions) {
   auto cache = std::make_shared<hf::KVCache>();
-  return [&model, cache](const torch::Tensor& sequences, const torch::Tensor& mask) {
+  return [&model, cache, with_positions](const torch::Tensor& sequences, const torch::Tensor& mask) {
     const int64_t done = cache->length(), fresh = sequences.size(1) - done;
-    const torch::Tensor positions = hf::detail::positions_from_mask(mask).narrow(1, done, fresh);
+    const torch::Tensor positions =
+        with_positions ? hf::detail::positions_from_mask(mask).narrow(1, done, fresh) : torch::Tensor();
     return model.forward_cached(sequences.narrow(1, done, fresh), mask, positions, cache.get()).select(1, -1);
   };
 }
@@ -47,9 +57,11 @@ inline NextLogits hf_cached(hf::CausalLMImpl& model) {
 /// Continues `input_ids` [B, T] (int64, left-padded, with `attention_mask` [B, T])
 /// by up to max_new_tokens tokens from a peft::hf causal LM. Returns [B, T + N].
 /// Positions are HF generate's (cumsum(mask) - 1), so a padded row continues as
-/// it would alone. With use_cache each step after the first runs on the new token
-/// only (a peft::hf::KVCache); while a prompt-tuning adapter is active, forward
-/// re-runs on the whole sequence (virtual tokens are not cached). Eval mode for
+/// it would alone; with an active prompt or prefix they are HF peft's (counted
+/// from the first column, after the virtual positions). With use_cache each step
+/// after the first runs on the new token only (a peft::hf::KVCache); while a
+/// prompt-tuning adapter is active, forward re-runs on the whole sequence
+/// (virtual tokens are not cached). Eval mode for
 /// the call, the module's mode restored after. Errors: as peft::generate's.
 ///
 /// ```
@@ -67,8 +79,8 @@ inline torch::Tensor generate(hf::CausalLMImpl& model, const torch::Tensor& inpu
     bool training;
     ~Restore() { m.train(training); }
   } restore{model, was_training};
-  const bool prompt = detail::active_prompt_length(model) > 0;
-  return detail::decode(options.use_cache() && !prompt ? detail::hf_cached(model) : detail::hf_uncached(model, !prompt),
+  const bool prompt = detail::active_prompt_length(model) > 0, positions = !detail::adds_virtual_positions(model);
+  return detail::decode(options.use_cache() && !prompt ? detail::hf_cached(model, positions) : detail::hf_uncached(model, positions),
                         input_ids, attention_mask, options);
 }
 

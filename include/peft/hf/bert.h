@@ -93,20 +93,19 @@ class BertEmbeddingsImpl : public torch::nn::Module {
     return torch::dropout(LayerNorm(x), c_.hidden_dropout_prob, is_training());
   }
 
-  /// Positions of the L inputs: 0..L-1 for BERT; RoBERTa's pad_token_id + 1 + the count of tokens
-  /// so far, pads at pad_token_id (HF's create_position_ids_from_input_ids), or sequential from
-  /// pad_token_id + 1 when virtual tokens come first (HF's positions for inputs_embeds).
-  /// ShapeError when the last position passes max_position_embeddings.
-  torch::Tensor position_ids(const torch::Tensor& input_ids, int64_t L) const {
-    const int64_t first = c_.model_type == "roberta" ? c_.pad_token_id + 1 : 0;
+  /// Positions of the L inputs after `past` earlier ones (an active prefix's P, as HF peft passes it):
+  /// past..past+L-1 for BERT; RoBERTa's pad_token_id + past + the count of tokens so far, pads at
+  /// pad_token_id (HF's create_position_ids_from_input_ids), or sequential from pad_token_id + 1 when
+  /// virtual tokens come first (HF's positions for inputs_embeds). ShapeError past max_position_embeddings.
+  torch::Tensor position_ids(const torch::Tensor& input_ids, int64_t L, int64_t past) const {
+    const int64_t first = (c_.model_type == "roberta" ? c_.pad_token_id + 1 : 0) + past;
     check<ShapeError>(first + L <= c_.max_position_embeddings,
                       "{}: {} positions (tokens and virtual tokens) from {}, but max_position_embeddings is {}",
                       c_.model_type, L, first, c_.max_position_embeddings);
-    torch::Tensor sequential = torch::arange(L, input_ids.options()).unsqueeze(0);
-    if (c_.model_type != "roberta") return sequential;
-    if (L != input_ids.size(1)) return sequential + c_.pad_token_id + 1;
+    torch::Tensor sequential = torch::arange(L, input_ids.options()).unsqueeze(0) + first;
+    if (c_.model_type != "roberta" || L != input_ids.size(1)) return sequential;
     torch::Tensor is_token = input_ids.ne(c_.pad_token_id).to(torch::kLong);
-    return torch::cumsum(is_token, 1) * is_token + c_.pad_token_id;
+    return (torch::cumsum(is_token, 1) + past) * is_token + c_.pad_token_id;
   }
 
   nn::Embedding word_embeddings;                ///< [vocab, hidden]
@@ -270,7 +269,8 @@ class BertModelImpl : public torch::nn::Module, public nn::PromptSite {
     const int64_t L = words.size(1), P = L - input_ids.size(1);
     token_type_ids = token_type_ids.defined() ? torch::cat({torch::zeros({input_ids.size(0), P}, input_ids.options()), token_type_ids}, 1)
                                               : torch::zeros({input_ids.size(0), L}, input_ids.options());
-    torch::Tensor x = embeddings(words, embeddings->position_ids(input_ids, L), token_type_ids);
+    const int64_t prefix = encoder->layer->size() == 0 ? 0 : encoder->layer->ptr(0)->as<BertLayerImpl>()->attention->self->prefix_length();
+    torch::Tensor x = embeddings(words, embeddings->position_ids(input_ids, L, prefix), token_type_ids);
     const torch::Tensor bias = detail::padding_bias(extend_mask(attention_mask), x.scalar_type());
     const bool recompute = gradient_checkpointing_ && is_training() && torch::GradMode::is_enabled();
     return drop_prompt(detail::run_layers<BertLayerImpl>(encoder->layer, x, {bias}, recompute));

@@ -69,10 +69,11 @@ inline torch::ScalarType config_dtype(const PretrainedConfig& config) {
 }
 
 /// The tensors of the checkpoint in `dir`: model.safetensors, or the shards that
-/// model.safetensors.index.json lists (every shard read once, validated).
+/// model.safetensors.index.json lists (every shard validated), as views of the
+/// memory-mapped files (io::load_safetensors_mapped).
 inline std::map<std::string, torch::Tensor> load_checkpoint(const std::filesystem::path& dir) {
   const auto single = dir / "model.safetensors", index = dir / "model.safetensors.index.json";
-  if (std::filesystem::is_regular_file(single)) return io::load_safetensors(single).tensors;
+  if (std::filesystem::is_regular_file(single)) return io::load_safetensors_mapped(single).tensors;
   check<FileError>(std::filesystem::is_regular_file(index), "'{}': neither model.safetensors nor model.safetensors.index.json",
                    dir.string());
   nlohmann::json j;
@@ -91,7 +92,7 @@ inline std::map<std::string, torch::Tensor> load_checkpoint(const std::filesyste
   }
   std::map<std::string, torch::Tensor> out;
   for (const auto& shard : shards)
-    for (auto& [name, t] : io::load_safetensors(dir / shard).tensors) {
+    for (auto& [name, t] : io::load_safetensors_mapped(dir / shard).tensors) {
       auto it = shard_of.find(name);
       check<FileError>(it != shard_of.end() && it->second == shard, "'{}': tensor '{}' is not listed for it in {}",
                        (dir / shard).string(), name, index.string());
@@ -145,8 +146,9 @@ inline std::map<std::string, torch::Tensor> match_prefix(std::map<std::string, t
 
 }  // namespace detail
 
-/// Copies `checkpoint` into `model`'s parameters by name (HF's names), converting
-/// dtypes, and returns the names of head parameters the file lacked (initialised
+/// Puts `checkpoint` into `model`'s parameters by name (HF's names): on the CPU in the
+/// file's dtype the parameter takes the checkpoint's tensor (a view of the mapped file),
+/// otherwise a converted copy; and returns the names of head parameters the file lacked (initialised
 /// anew, as HF's "newly initialized" weights). FileError naming the key for a
 /// missing tensor, a shape mismatch, or a tensor the model has no place for.
 inline std::vector<std::string> assign_checkpoint(torch::nn::Module& model, std::map<std::string, torch::Tensor> checkpoint,
@@ -165,7 +167,11 @@ inline std::vector<std::string> assign_checkpoint(torch::nn::Module& model, std:
     }
     check<FileError>(it->second.sizes() == p.value().sizes(), "'{}': tensor '{}' is {}, the model expects {}", dir,
                      p.key(), shape_str(it->second.sizes()), shape_str(p.value().sizes()));
-    p.value().copy_(it->second);
+    // Same dtype on the CPU: the parameter takes the mapped tensor itself (no second copy of the weights).
+    if (it->second.scalar_type() == p.value().scalar_type() && p.value().device().is_cpu())
+      p.value().set_data(it->second);
+    else
+      p.value().copy_(it->second);
     checkpoint.erase(it);
   }
   std::vector<std::string> unused;

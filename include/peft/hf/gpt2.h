@@ -176,7 +176,8 @@ class GPT2ModelImpl : public torch::nn::Module, public nn::PromptSite {
   torch::Tensor input_embeddings_weight() override { return wte->weight; }
 
   /// input_ids [B, T], attention_mask [B, S + T] (1 = token; undefined: all), position_ids [B, T] (undefined:
-  /// S..S+T-1, as HF's forward without them), `cache` with S positions (null: none) -> hidden states [B, T, n_embd].
+  /// S..S+T-1, as HF's forward without them; after an active prefix of P, P+S..), `cache` with S positions
+  /// (null: none) -> hidden states [B, T, n_embd].
   /// ShapeError when a position passes n_positions; ModelError for a cache with an active prompt.
   torch::Tensor forward(const torch::Tensor& input_ids, torch::Tensor attention_mask = {}, const torch::Tensor& position_ids = {},
                         KVCache* cache = nullptr) {
@@ -185,9 +186,11 @@ class GPT2ModelImpl : public torch::nn::Module, public nn::PromptSite {
     const int64_t past = cache ? cache->length() : 0;
     if (!attention_mask.defined()) attention_mask = torch::ones({input_ids.size(0), past + input_ids.size(1)}, input_ids.options());
     torch::Tensor x = add_prompt(wte(input_ids));  // HF peft: virtual tokens take positions 0..P-1
-    const torch::Tensor positions = detail::positions_or_default(position_ids, past, x.size(1), x.device());
-    check<ShapeError>(past + x.size(1) <= c_.n_positions, "GPT2Model: {} positions (cached, tokens and virtual tokens), but n_positions is {}",
-                      past + x.size(1), c_.n_positions);
+    // HF peft's prefix tuning passes the prefix as P cached positions: tokens start at position P.
+    const torch::Tensor positions = detail::positions_or_default(position_ids, past + prefix_length(), x.size(1), x.device());
+    check<ShapeError>(positions.max().item<int64_t>() < c_.n_positions,
+                      "GPT2Model: position {} (after cached, prefix and virtual tokens), but n_positions is {}",
+                      positions.max().item<int64_t>(), c_.n_positions);
     x = torch::dropout(x + wpe(positions), c_.embd_pdrop, is_training());
     const torch::Tensor bias = detail::causal_bias(extend_mask(attention_mask), x.size(1), 0, x.scalar_type());
     if (cache) {
@@ -198,6 +201,8 @@ class GPT2ModelImpl : public torch::nn::Module, public nn::PromptSite {
     x = detail::run_layers<GPT2BlockImpl>(h, x, {bias}, recompute);
     return ln_f(drop_prompt(x));
   }
+  /// The active prefix-tuning prefix's length P (0 without one).
+  int64_t prefix_length() const { return h->size() == 0 ? 0 : h->ptr(0)->as<GPT2BlockImpl>()->attn->prefix_length(); }
   /// HF's gradient_checkpointing_enable(): each block is run again in backward (training mode).
   void gradient_checkpointing(bool on = true) { gradient_checkpointing_ = on; }
 

@@ -253,8 +253,9 @@ class LlamaModelImpl : public torch::nn::Module, public nn::PromptSite {
   torch::Tensor input_embeddings_weight() override { return embed_tokens->weight; }
 
   /// input_ids [B, T], attention_mask [B, S + T] (1 = token; undefined: all), position_ids [B, T] (undefined:
-  /// S..S+T-1, as HF's forward without them), `cache` with S positions (null: none) -> hidden states [B, T, hidden].
-  /// Causal (and sliding-window) masking. ModelError for a cache with an active prompt.
+  /// S..S+T-1, as HF's forward without them; after an active prefix of P, P+S..), `cache` with S positions
+  /// (null: none) -> hidden states [B, T, hidden]. Causal (and sliding-window) masking. ModelError for a
+  /// cache with an active prompt.
   torch::Tensor forward(const torch::Tensor& input_ids, torch::Tensor attention_mask = {}, const torch::Tensor& position_ids = {},
                         KVCache* cache = nullptr) {
     check<ShapeError>(input_ids.dim() == 2, "LlamaModel: expected input_ids [batch, seq], got {}", shape_str(input_ids.sizes()));
@@ -265,7 +266,8 @@ class LlamaModelImpl : public torch::nn::Module, public nn::PromptSite {
     attention_mask = extend_mask(attention_mask);
     const int64_t T = x.size(1);
     const auto dtype = x.scalar_type();
-    torch::Tensor positions = detail::positions_or_default(position_ids, past, T, x.device()).to(torch::kFloat);
+    // HF peft's prefix tuning passes the prefix as P cached positions: tokens start at position P.
+    torch::Tensor positions = detail::positions_or_default(position_ids, past + prefix_length(), T, x.device()).to(torch::kFloat);
     torch::Tensor freqs = positions.unsqueeze(-1) * inv_freq_.to(x.device());  // [B or 1, T, head_dim / 2]
     torch::Tensor emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);
     torch::Tensor cos = emb.cos().to(dtype), sin = emb.sin().to(dtype);
@@ -277,6 +279,11 @@ class LlamaModelImpl : public torch::nn::Module, public nn::PromptSite {
     const bool recompute = gradient_checkpointing_ && is_training() && torch::GradMode::is_enabled();
     x = detail::run_layers<LlamaDecoderLayerImpl>(layers, x, {cos, sin, bias}, recompute);
     return norm(drop_prompt(x));
+  }
+
+  /// The active prefix-tuning prefix's length P (0 without one).
+  int64_t prefix_length() const {
+    return layers->size() == 0 ? 0 : layers->ptr(0)->as<LlamaDecoderLayerImpl>()->self_attn->prefix_length();
   }
 
   /// HF's gradient_checkpointing_enable(): in training mode, each decoder layer keeps

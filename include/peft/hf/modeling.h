@@ -6,6 +6,7 @@
 
 #include <peft/core/error.h>
 #include <peft/hf/config.h>
+#include <peft/nn/sites.h>
 #include <torch/torch.h>
 
 #include <limits>
@@ -34,8 +35,10 @@ struct KVCache {
 };
 
 /// A causal LM of any supported architecture: forward gives logits.
-class CausalLMImpl : public torch::nn::Module {
+class CausalLMImpl : public torch::nn::Module, public nn::PeftTask {
  public:
+  /// HF peft's task: adapters load in PeftModelForCausalLM.
+  std::string peft_task_type() const override { return "CAUSAL_LM"; }
   /// input_ids [B, T] (int64), attention_mask [B, T] (1 = token; undefined: all) -> logits [B, T, vocab].
   /// Positions 0..T-1 (HF's forward without position_ids).
   virtual torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) = 0;
@@ -54,8 +57,10 @@ class CausalLMImpl : public torch::nn::Module {
 TORCH_MODULE(CausalLM);
 
 /// A sequence classifier of any supported architecture (HF's *ForSequenceClassification).
-class SequenceClassifierImpl : public torch::nn::Module {
+class SequenceClassifierImpl : public torch::nn::Module, public nn::PeftTask {
  public:
+  /// HF peft's task: adapters load in PeftModelForSequenceClassification.
+  std::string peft_task_type() const override { return "SEQ_CLS"; }
   /// input_ids [B, T] (int64), attention_mask [B, T] (1 = token; undefined: all) -> logits [B, num_labels].
   virtual torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) = 0;
   /// Recompute each layer in backward instead of keeping its activations (training mode).

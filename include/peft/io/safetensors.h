@@ -11,6 +11,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -18,6 +23,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <string_view>
 
 namespace peft {
 namespace io {
@@ -76,10 +82,10 @@ constexpr uint64_t kMaxHeader = 100'000'000;
 /// Throws a FileError that says what `bytes` are when they are a well-known
 /// other format that downloads hand out instead of the file (a git-lfs pointer,
 /// an HTML page, JSON, a zip/pickle archive); returns otherwise.
-inline void reject_other_format(const std::string& bytes, const std::string& source) {
+inline void reject_other_format(std::string_view bytes, const std::string& source) {
   auto starts = [&](const char* prefix) { return bytes.rfind(prefix, 0) == 0; };
   const size_t text = bytes.find_first_not_of(" \t\r\n");
-  const char first = text == std::string::npos ? '\0' : bytes[text];
+  const char first = text == std::string_view::npos ? '\0' : bytes[text];
   if (starts("version https://git-lfs"))
     throw FileError("'" + source + "' is a git-lfs pointer, not the safetensors file: fetch the real file (git lfs pull)");
   if (first == '<')
@@ -128,8 +134,11 @@ inline std::string to_safetensors(const std::map<std::string, torch::Tensor>& te
   return out;
 }
 
-/// Parses safetensors bytes; `source` names the file in errors.
-inline TensorFile from_safetensors(const std::string& bytes, const std::string& source) {
+/// Parses safetensors bytes; `source` names the file in errors. Each tensor is a copy, or, when
+/// `keep_alive` owns `bytes` (a mapped file), a view of its bytes that keeps it alive (where the
+/// bytes are aligned for the dtype; a copy otherwise).
+inline TensorFile from_safetensors(std::string_view bytes, const std::string& source,
+                                   const std::shared_ptr<void>& keep_alive = nullptr) {
   check<FileError>(detail::little_endian(), "safetensors: big-endian hosts are not supported");
   check<FileError>(bytes.size() >= 8, "'{}': {} bytes is too short for a safetensors file (8-byte header length)", source,
                    bytes.size());
@@ -199,8 +208,14 @@ inline TensorFile from_safetensors(const std::string& bytes, const std::string& 
                      "'{}': tensor '{}' has {} bytes, but {} x {} needs {}", source, name, end - begin, numel,
                      info->name, numel * static_cast<uint64_t>(info->size));
     spans.emplace_back(begin, end);
+    const char* at = data + begin;
+    if (keep_alive && end > begin && reinterpret_cast<uintptr_t>(at) % static_cast<uintptr_t>(info->size) == 0) {
+      file.tensors[name] = torch::from_blob(const_cast<char*>(at), sizes, [keep_alive](void*) {},
+                                            torch::TensorOptions().dtype(info->type));
+      continue;
+    }
     torch::Tensor t = torch::empty(sizes, torch::TensorOptions().dtype(info->type));
-    if (end > begin) std::memcpy(t.data_ptr(), data + begin, end - begin);
+    if (end > begin) std::memcpy(t.data_ptr(), at, end - begin);
     file.tensors[name] = t;
   }
   std::sort(spans.begin(), spans.end());
@@ -217,6 +232,47 @@ inline TensorFile from_safetensors(const std::string& bytes, const std::string& 
 inline void save_safetensors(const std::filesystem::path& path, const std::map<std::string, torch::Tensor>& tensors,
                              const std::map<std::string, std::string>& metadata = {{"format", "pt"}}) {
   write_file_atomic(path, to_safetensors(tensors, metadata));
+}
+
+namespace detail {
+
+/// A file mapped copy-on-write (MAP_PRIVATE, read and write): pages load as they are touched,
+/// stay the page cache's until written, and a write never reaches the file.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::filesystem::path& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    check<FileError>(fd >= 0, "cannot open '{}': {}", path.string(), std::strerror(errno));
+    struct stat st {};
+    const bool sized = ::fstat(fd, &st) == 0;
+    size_ = sized ? static_cast<size_t>(st.st_size) : 0;
+    void* p = size_ > 0 ? ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    const int err = errno;
+    ::close(fd);
+    check<FileError>(sized && size_ > 0 && p != MAP_FAILED, "cannot map '{}': {}", path.string(),
+                     size_ == 0 ? "empty file" : std::strerror(err));
+    data_ = static_cast<char*>(p);
+  }
+  ~MappedFile() { ::munmap(data_, size_); }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  /// The file's bytes.
+  std::string_view bytes() const { return {data_, size_}; }
+
+ private:
+  char* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace detail
+
+/// Reads and checks a safetensors file through a memory map: the tensors are views
+/// of the mapped file (copy-on-write), so loading copies nothing until a tensor is
+/// converted or written; the map lives while any tensor does. Same checks and
+/// errors as load_safetensors (an empty file is a FileError too).
+inline TensorFile load_safetensors_mapped(const std::filesystem::path& path) {
+  auto mapped = std::make_shared<detail::MappedFile>(path);
+  return from_safetensors(mapped->bytes(), path.string(), mapped);
 }
 
 /// Reads and checks a safetensors file.

@@ -62,6 +62,17 @@ class OutputSite : public AdapterHost {
   int64_t hidden_;
 };
 
+// ---------------------------------------------------------------- task
+/// A model that names its HF peft task: saved adapters carry it as adapter_config.json's
+/// `task_type`, so HF peft loads them with the task's class (PeftModelForCausalLM, ...),
+/// which prompt and prefix tuning need.
+class PeftTask {
+ public:
+  virtual ~PeftTask() = default;
+  /// "CAUSAL_LM", "SEQ_CLS", ... (HF peft's TaskType).
+  virtual std::string peft_task_type() const = 0;
+};
+
 // ---------------------------------------------------------------- prompt
 /// The adapter of a PromptSite: k learned vectors [k, dim].
 class PromptAdapter : public SlotAdapter {
