@@ -3,7 +3,7 @@
 //   mapped  peft::hf's loader: the parameters become views of the memory-mapped file
 //   copied  the way it was before: the file read into memory, each tensor copied out,
 //           then copied into the parameters
-//   make DIR  writes a synthetic Llama folder of about --params parameters (fp32)
+//   make DIR  writes a synthetic Llama folder (--hidden, --layers; fp32)
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <peft/peft.h>

@@ -3,7 +3,7 @@
 # views of the memory-mapped file) against the copying loader it replaced (file
 # read into memory, tensors copied out, then into the parameters), each in its own
 # process, side by side: the real all-MiniLM-L6-v2 (91 MB) and a synthetic Llama
-# of about 190 M parameters (fp32, ~720 MiB) written once into $BUILD/hf_load/.
+# of 166 M parameters (fp32, 634 MiB) written once into $BUILD/hf_load/.
 # Writes $BUILD/benchmark-results/hf_load.md; --update-docs also the section of
 # docs/performance.md.
 #   benchmarks/hf_load.sh [--update-docs]     BUILD (build)
@@ -14,7 +14,7 @@ BUILD=${BUILD:-build}
 refuse_partial
 cmake --build "$BUILD" --target peft-bench-hf-load -j "$(nproc)"
 bench="$BUILD/benchmarks/peft-bench-hf-load"
-synthetic="$BUILD/hf_load/llama-190m"
+synthetic="$BUILD/hf_load/llama-166m"
 [ -f "$synthetic/model.safetensors" ] || "$bench" make "$synthetic" --hidden 1024 --layers 8
 rows=""
 for dir in assets/all-minilm-l6-v2 "$synthetic"; do
@@ -24,8 +24,8 @@ for dir in assets/all-minilm-l6-v2 "$synthetic"; do
     rows+="| $(basename "$dir") | $mode | $(echo "$line" | sed -E 's/.*file ([0-9]+) MiB, peak RSS ([0-9]+) MiB, ([0-9.]+) s/\1 MiB | \2 MiB | \3 s/') |"$'\n'
   done
 done
-body="Produced by \`benchmarks/hf_load.sh\` on $(machine_line): one process per row, the file in the page cache
-(each folder loaded once before). *copied*: the loader before memory mapping (file read into memory, tensors
+body="Produced by \`benchmarks/hf_load.sh\` on $(machine_line): one process per row, the files in the page cache
+(read or written shortly before). *copied*: the loader before memory mapping (file read into memory, tensors
 copied out, then into the freshly initialised parameters). *mapped*: \`peft::hf\`'s loader (the parameters
 become views of the copy-on-write mapped file; pages are shared with the page cache until written).
 

@@ -11,6 +11,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <unistd.h>
+
 #include "doc_snippets_tested.h"  // the ```cpp blocks of docs/ marked snippet-test (tools/extract_snippets.py)
 #include "fixtures.h"
 
@@ -457,10 +459,15 @@ class RealHfPeft : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     if (peft_test::reference_python().empty()) return;
-    dir_ = new fs::path(peft_test::fresh_dir("hf_cases"));
+    // One folder per process: ctest -j runs this suite's tests side by side, each setting the suite up.
+    dir_ = new fs::path(peft_test::fresh_dir("hf_cases_" + std::to_string(::getpid())));
     status_ = peft_test::run_reference_tool("reference/hf_cases.py " + dir_->string());
   }
-  static void TearDownTestSuite() { delete dir_; }
+  static void TearDownTestSuite() {
+    if (dir_) fs::remove_all(*dir_);
+    delete dir_;
+    dir_ = nullptr;
+  }
   void SetUp() override {
     PEFT_REQUIRE_REFERENCE_PYTHON();
     ASSERT_EQ(status_, 0) << "tools/reference/hf_cases.py failed";

@@ -383,8 +383,10 @@ int run(int argc, char** argv) {
       running = i == 0 ? loss.item<double>() : 0.95 * running + 0.05 * loss.item<double>();
       const double elapsed = seconds_since(start);
       const double done = (epoch - 1 + static_cast<double>(i + 1) / train.size()) / epochs;
-      fmt::print("{}", progress(epoch, epochs, static_cast<double>(i + 1) / train.size(), running, seen / elapsed,
-                                elapsed / done - elapsed));
+      double eta = elapsed / done - elapsed;  // the earliest of the data's end, --max-minutes and --max-steps
+      if (max_minutes > 0) eta = std::min(eta, 60 * max_minutes - elapsed);
+      if (max_steps > 0) eta = std::min(eta, elapsed / steps * static_cast<double>(max_steps - steps));
+      fmt::print("{}", progress(epoch, epochs, static_cast<double>(i + 1) / train.size(), running, seen / elapsed, std::max(0.0, eta)));
       std::fflush(stdout);
       if ((max_minutes > 0 && elapsed > 60 * max_minutes) || (max_steps > 0 && steps >= max_steps)) {
         out_of_time = true;
