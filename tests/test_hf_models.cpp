@@ -30,6 +30,13 @@ const std::vector<HfCase> kCases{
 
 fs::path case_dir(const std::string& name) { return fs::path(PEFT_FIXTURE_DIR) / "hf" / name; }
 
+/// A fresh folder `dir_name` holding a copy of case `name`'s files.
+fs::path copy_of_case(const std::string& name, const std::string& dir_name) {
+  const fs::path dir = peft_test::fresh_dir(dir_name);
+  for (const auto& entry : fs::directory_iterator(case_dir(name))) fs::copy(entry.path(), dir / entry.path().filename());
+  return dir;
+}
+
 struct Expected {
   torch::Tensor input_ids, attention_mask, output;  // output: logits, or last_hidden_state for encoders
 };
@@ -392,8 +399,7 @@ TEST(HfModels, CachedGenerationEqualsUncached) {
 }
 
 TEST(HfModels, UnsupportedOrBrokenFoldersRaiseTypedErrorsNamingTheField) {
-  const fs::path dir = peft_test::fresh_dir("hf_broken");
-  for (const auto& entry : fs::directory_iterator(case_dir("llama"))) fs::copy(entry.path(), dir / entry.path().filename());
+  const fs::path dir = copy_of_case("llama", "hf_broken");
   const std::string config = peft::io::read_file(dir / "config.json");
   auto with_config = [&](const std::function<void(nlohmann::json&)>& edit) {
     auto j = nlohmann::json::parse(config);
@@ -420,9 +426,7 @@ TEST(HfModels, UnsupportedOrBrokenFoldersRaiseTypedErrorsNamingTheField) {
   expect_error<peft::FileError>(load, {"no config.json"});
 
   // GPT-2 and BERT settings that change the math; a task the architecture lacks; a head of another size.
-  const fs::path gpt2 = peft_test::fresh_dir("hf_broken_gpt2"), bert = peft_test::fresh_dir("hf_broken_bert");
-  for (const auto& entry : fs::directory_iterator(case_dir("gpt2"))) fs::copy(entry.path(), gpt2 / entry.path().filename());
-  for (const auto& entry : fs::directory_iterator(case_dir("bert_seqcls"))) fs::copy(entry.path(), bert / entry.path().filename());
+  const fs::path gpt2 = copy_of_case("gpt2", "hf_broken_gpt2"), bert = copy_of_case("bert_seqcls", "hf_broken_bert");
   auto edit = [](const fs::path& folder, const std::function<void(nlohmann::json&)>& change) {
     auto j = nlohmann::json::parse(peft::io::read_file(folder / "config.json"));
     change(j);
@@ -445,8 +449,7 @@ TEST(HfModels, UnsupportedOrBrokenFoldersRaiseTypedErrorsNamingTheField) {
 /// bert_seqcls with a LoRA adapter (query, value) and a trained classifier made in C++, saved in
 /// its adapter/ folder, the adapted logits in its expected.safetensors.
 fs::path adapted_classifier() {
-  const fs::path dir = peft_test::fresh_dir("hf_adapted_bert");
-  for (const auto& entry : fs::directory_iterator(case_dir("bert_seqcls"))) fs::copy(entry.path(), dir / entry.path().filename());
+  const fs::path dir = copy_of_case("bert_seqcls", "hf_adapted_bert");
   peft::hf::SequenceClassifier model = peft::hf::AutoModelForSequenceClassification::from_pretrained(dir);
   peft::nn::PeftModel peft_model = peft::get_peft_model(
       model, peft::LoraConfig().r(4).target_modules({"query", "value"}).modules_to_save({"classifier"}).init_lora_weights(peft::LoraInit::Random));
@@ -465,8 +468,7 @@ fs::path adapted_classifier() {
 /// A copy of case `name` with a prompt- or prefix-tuning adapter made in C++ (task_type CAUSAL_LM, so HF peft
 /// loads it in PeftModelForCausalLM) and the adapted logits in its expected.safetensors.
 fs::path adapted_with_virtual_positions(const std::string& name, const std::string& method) {
-  const fs::path dir = peft_test::fresh_dir("hf_" + method + "_" + name);
-  for (const auto& entry : fs::directory_iterator(case_dir(name))) fs::copy(entry.path(), dir / entry.path().filename());
+  const fs::path dir = copy_of_case(name, "hf_" + method + "_" + name);
   peft::hf::CausalLM model = peft::hf::AutoModelForCausalLM::from_pretrained(dir);
   const peft::PeftConfig config = method == "prompt" ? peft::PeftConfig(peft::PromptTuningConfig().num_virtual_tokens(3))
                                                      : peft::PeftConfig(peft::PrefixTuningConfig().num_virtual_tokens(3));
@@ -492,8 +494,7 @@ void write_generated(const fs::path& dir, peft::hf::CausalLMImpl& model) {
 // The real transformers (and HF peft) load the fixtures, the folder C++ saved and the adapter C++ trained.
 TEST(RealHfTransformers, LoadsTheFixturesAndWhatCppSaves) {
   PEFT_REQUIRE_REFERENCE_PYTHON();
-  const fs::path adapted = peft_test::fresh_dir("hf_adapted_qwen2");
-  for (const auto& entry : fs::directory_iterator(case_dir("qwen2"))) fs::copy(entry.path(), adapted / entry.path().filename());
+  const fs::path adapted = copy_of_case("qwen2", "hf_adapted_qwen2");
   peft::hf::CausalLM model = peft::hf::AutoModelForCausalLM::from_pretrained(adapted);
   peft::nn::PeftModel peft_model = peft::get_peft_model(
       model, peft::LoraConfig().r(4).lora_alpha(8).target_modules({"q_proj", "v_proj", "down_proj"}).init_lora_weights(peft::LoraInit::Random));
@@ -515,8 +516,7 @@ TEST(RealHfTransformers, LoadsTheFixturesAndWhatCppSaves) {
     for (const char* name : {"llama", "gpt2"}) folders += " " + adapted_with_virtual_positions(name, method).string();
   write_generated(adapted, *model);  // greedy generation, with the LoRA adapter active, to compare with transformers'
   for (const char* name : {"gpt2", "mistral"}) {
-    const fs::path dir = peft_test::fresh_dir(std::string("hf_generated_") + name);
-    for (const auto& entry : fs::directory_iterator(case_dir(name))) fs::copy(entry.path(), dir / entry.path().filename());
+    const fs::path dir = copy_of_case(name, std::string("hf_generated_") + name);
     write_generated(dir, *peft::hf::AutoModelForCausalLM::from_pretrained(dir));
     folders += " " + dir.string();
   }

@@ -188,9 +188,10 @@ class GPT2ModelImpl : public torch::nn::Module, public nn::PromptSite {
     torch::Tensor x = add_prompt(wte(input_ids));  // HF peft: virtual tokens take positions 0..P-1
     // HF peft's prefix tuning passes the prefix as P cached positions: tokens start at position P.
     const torch::Tensor positions = detail::positions_or_default(position_ids, past + prefix_length(), x.size(1), x.device());
-    check<ShapeError>(positions.max().item<int64_t>() < c_.n_positions,
-                      "GPT2Model: position {} (after cached, prefix and virtual tokens), but n_positions is {}",
-                      positions.max().item<int64_t>(), c_.n_positions);
+    // Default positions are known on the host; only given ones need a look (a device sync).
+    const int64_t last = position_ids.defined() ? positions.max().item<int64_t>() : past + prefix_length() + x.size(1) - 1;
+    check<ShapeError>(last < c_.n_positions, "GPT2Model: position {} (after cached, prefix and virtual tokens), but n_positions is {}",
+                      last, c_.n_positions);
     x = torch::dropout(x + wpe(positions), c_.embd_pdrop, is_training());
     const torch::Tensor bias = detail::causal_bias(extend_mask(attention_mask), x.size(1), 0, x.scalar_type());
     if (cache) {
