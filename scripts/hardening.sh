@@ -13,8 +13,9 @@ scripts/fetch_assets.sh
 # -Wno-maybe-uninitialized: GCC 12 false positives in <regex> at -O1 with sanitizers.
 cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O0 -g1 -Wno-maybe-uninitialized" \
   "-DPEFT_SANITIZE=address;undefined" -DPEFT_BUILD_BENCHMARKS=OFF
-# What the tests run (peft-finetune, peft-inspect and the doc snippets are built and tested by scripts/test.sh).
-cmake --build "$B" -j "$JOBS" --target peft_tests peft_dist_worker peft-launch peft-native peft-lm
+# What the tests run (peft_tests brings its worker and launcher; peft_test_programs the example programs with
+# tests; peft-finetune, peft-inspect and the doc snippets are built and tested by scripts/test.sh).
+cmake --build "$B" -j "$JOBS" --target peft_tests peft_test_programs
 # The build really is instrumented (a green run must not be an uninstrumented one).
 ldd "$B/tests/peft_tests" | grep -q libasan || { echo "hardening: $B/tests/peft_tests is not built with ASan" >&2; exit 1; }
 ldd "$B/tests/peft_tests" | grep -q libubsan || { echo "hardening: $B/tests/peft_tests is not built with UBSan" >&2; exit 1; }
