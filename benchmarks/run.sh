@@ -93,14 +93,10 @@ the examples keep glibc's default.
 
 The same LoRA adapter over a base whose 48 block linear layers (85 M weights) are
 NF4 with double quantisation, block 64 (\`NF4Config().quantize_all_linear(true)\`);
-the embeddings (tied to lm_head) stay fp32. The NF4 weights take 0.13 of their
-fp32 bytes at rest, but training does not keep that saving: each layer's weight
-is dequantised with standard ops (so saved models load in plain PyTorch) and
-autograd keeps it for the backward pass, like LoRA keeps its fp32 weights, and
-the dequantisation's temporaries fragment glibc's heap (see above). QLoRA pays
-off in memory at inference and at rest, and in training only with a custom
-autograd function that dequantises again in backward (bitsandbytes' way), which
-is not built.
+the embeddings (tied to lm_head) stay fp32. In training, \`PeftModel::forward\`
+runs the NF4 layers as the operator \`peft::nf4_linear\`, which keeps the 4-bit
+state only and dequantises again in backward (bitsandbytes' way); the module's own
+forward, and what save() writes, keep standard ops.
 
 | figure | value | goal |
 | --- | --- | --- |

@@ -231,18 +231,14 @@ struct Model {
   void save(const fs::path& dir) const { lm ? peft::hf::save_pretrained(*lm, dir) : peft::hf::save_pretrained(*classifier, dir); }
 };
 
-/// Next-token cross entropy of logits [B, T, V] on ids [B, T] (fp32, as HF computes it).
-torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& ids) {
-  const int64_t T = ids.size(1);
-  return torch::nn::functional::cross_entropy(logits.narrow(1, 0, T - 1).reshape({-1, logits.size(-1)}).to(torch::kFloat),
-                                              ids.narrow(1, 1, T - 1).reshape({-1}));
-}
+/// Next-token cross entropy of a causal LM on a batch (fp32, as HF computes it), without the full logits.
+torch::Tensor lm_loss(Model& model, const peft_examples::Batch& b) { return model.lm->loss(b.ids, b.mask, b.ids); }
 
 /// Mean next-token loss over `batches` (eval mode, no grad).
 double lm_eval_loss(Model& model, const std::vector<peft_examples::Batch>& batches) {
   torch::NoGradGuard no_grad;
   double sum = 0;
-  for (const auto& b : batches) sum += lm_loss(model.forward(b), b.ids).item<double>();
+  for (const auto& b : batches) sum += lm_loss(model, b).item<double>();
   return sum / static_cast<double>(batches.size());
 }
 
@@ -348,8 +344,7 @@ int run(int argc, char** argv) {
   const auto train = batches(dataset.train), eval = batches(dataset.eval);
   const auto test = dataset.test.empty() ? eval : batches(dataset.test);
   auto loss_of = [&](const peft_examples::Batch& b) {
-    torch::Tensor logits = model.forward(b);
-    return dataset.labelled ? torch::nn::functional::cross_entropy(logits.to(torch::kFloat), b.labels) : lm_loss(logits, b.ids);
+    return dataset.labelled ? torch::nn::functional::cross_entropy(model.forward(b).to(torch::kFloat), b.labels) : lm_loss(model, b);
   };
   auto report = [&](const std::vector<peft_examples::Batch>& part, const char* name) {
     model.module()->eval();

@@ -7,6 +7,7 @@
 #include <peft/core/merged_guard.h>
 #include <peft/core/trainable.h>
 #include <peft/io/adapter_files.h>
+#include <peft/jit/recompute.h>
 #include <peft/quant/inject.h>
 #include <peft/tuner.h>
 #include <torch/script.h>
@@ -114,7 +115,7 @@ class PeftModel : public detail::PeftModelBase<PeftModel, jit::NamedAdapter> {
   torch::jit::IValue forward(std::vector<torch::jit::IValue> inputs) {
     const jit::EagerTrainingScope eager(adapted_.is_training());
     if (disabled_) return base_.forward(std::move(inputs));
-    torch::jit::IValue out = adapted_.forward(std::move(inputs));
+    torch::jit::IValue out = run_adapted(std::move(inputs));
     return merged_ ? guard_merged_training(std::move(out)) : out;
   }
 
@@ -152,8 +153,17 @@ class PeftModel : public detail::PeftModelBase<PeftModel, jit::NamedAdapter> {
       }
     } restore{this};
     const jit::EagerTrainingScope eager(adapted_.is_training());
-    return adapted_.forward(std::move(inputs));
+    return run_adapted(std::move(inputs));
   }
+
+  /// HF's gradient_checkpointing_enable() (off by default): in training, each call of a
+  /// stack block (a child of a ModuleList / Sequential, e.g. `h.3`) keeps only its inputs
+  /// and runs again in backward with the random generator as it was (same dropout masks),
+  /// trading one more forward of each block for its activations. The module's own
+  /// forward, and what save() writes, stay as they are.
+  void gradient_checkpointing(bool on = true) { checkpointing_ = on; }
+  /// Whether gradient checkpointing is on.
+  bool is_gradient_checkpointing() const { return checkpointing_; }
 
   // ----------------------------------------------------------- parameters
   /// The active adapters' trainable tensors with their names.
@@ -374,7 +384,28 @@ class PeftModel : public detail::PeftModelBase<PeftModel, jit::NamedAdapter> {
     for (const auto& [module, attribute] : c.tied) jit::submodule(model, module).setattr(attribute, t);
   }
 
+  /// The adapted forward. While it records gradients, NF4 layers run as peft::nf4_linear
+  /// (nf4::training_graph: no dequantised weight kept for backward) and, with gradient
+  /// checkpointing, stack blocks are recomputed in backward (jit::RecomputedForward).
+  torch::jit::IValue run_adapted(std::vector<torch::jit::IValue> inputs) {
+    if (!adapted_.is_training() || !torch::GradMode::is_enabled()) return adapted_.forward(std::move(inputs));
+    const bool checkpointing = checkpointing_;
+    return training_forward_.run(adapted_, std::move(inputs), trainable_parameters(), checkpointing,
+                                 [checkpointing](const torch::jit::Module& m) -> jit::DerivedForward::Runner {
+                                   auto graph = nf4::training_graph(m);
+                                   if (!checkpointing) return graph ? jit::DerivedForward::function_runner(m, graph) : nullptr;
+                                   auto recomputed = std::make_shared<jit::RecomputedForward>(
+                                       m, graph ? graph : jit::method_graph(m, "forward"), m.get_method("forward").function().getSchema());
+                                   return [recomputed](const torch::jit::Module& module, std::vector<torch::jit::IValue> in,
+                                                       const std::vector<torch::Tensor>& params) {
+                                     return recomputed->run(module, std::move(in), params);
+                                   };
+                                 });
+  }
+
   torch::jit::Module base_, adapted_;
+  jit::DerivedForward training_forward_;
+  bool checkpointing_ = false;
 };
 
 /// Injects the method of `config` into a loaded TorchScript model (HF's get_peft_model).

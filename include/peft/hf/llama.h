@@ -313,6 +313,10 @@ class LlamaForCausalLMImpl : public CausalLMImpl {
   torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) override {
     return lm_head(model(input_ids, attention_mask));
   }
+  torch::Tensor hidden_states(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) override {
+    return model(input_ids, attention_mask);
+  }
+  nn::Linear& output_layer() override { return lm_head; }
   torch::Tensor forward_cached(const torch::Tensor& input_ids, const torch::Tensor& attention_mask,
                                const torch::Tensor& position_ids, KVCache* cache) override {
     return lm_head(model(input_ids, attention_mask, position_ids, cache));

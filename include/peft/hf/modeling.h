@@ -5,7 +5,9 @@
 /// them, activations by config.json's name, and the pooling of decoder classifiers.
 
 #include <peft/core/error.h>
+#include <peft/core/loss.h>
 #include <peft/hf/config.h>
+#include <peft/nn/linear.h>
 #include <peft/nn/sites.h>
 #include <torch/torch.h>
 
@@ -51,6 +53,32 @@ class CausalLMImpl : public torch::nn::Module, public nn::PeftTask {
                                        const torch::Tensor& position_ids, KVCache* cache) = 0;
   /// Recompute each decoder layer in backward instead of keeping its activations (training mode).
   virtual void gradient_checkpointing(bool on = true) = 0;
+  /// input_ids [B, T], attention_mask [B, T] (undefined: all) -> the decoder's last hidden
+  /// states [B, T, hidden] (after its final norm): what forward() feeds to the output layer.
+  virtual torch::Tensor hidden_states(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}) = 0;
+  /// The output layer (`lm_head`, [vocab, hidden]).
+  virtual nn::Linear& output_layer() = 0;
+
+  /// HF's `forward(input_ids, attention_mask, labels=labels).loss` without the
+  /// [B, T, vocab] logits (peft::causal_lm_loss, chunk by chunk), unless adapters on
+  /// the output layer need its full output. labels [B, T] int64 (undefined: input_ids,
+  /// with -100 where attention_mask is 0) -> fp32 scalar: the mean over tokens t + 1 of
+  /// -log p(labels[t + 1] | ..t), -100 ignored.
+  torch::Tensor loss(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {}, torch::Tensor labels = {},
+                     const LinearCrossEntropyOptions& options = {}) {
+    if (!labels.defined())
+      labels = attention_mask.defined() ? input_ids.masked_fill(attention_mask.eq(0), options.ignore_index()) : input_ids;
+    torch::Tensor hidden = hidden_states(input_ids, attention_mask);
+    nn::Linear& head = output_layer();
+    const auto& slots = head->slots().all();
+    if (std::none_of(slots.begin(), slots.end(), [](const auto& s) { return s.applies(); }) && !head->quantized())
+      return causal_lm_loss(hidden, head->weight, head->bias, labels, options);
+    const int64_t T = hidden.size(1);
+    torch::Tensor logits = head(hidden.narrow(1, 0, T - 1));
+    return torch::nn::functional::cross_entropy(
+        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), labels.narrow(1, 1, T - 1).reshape({-1}),
+        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(options.ignore_index()));
+  }
   /// The config.json it was built from.
   PretrainedConfig config;
 };

@@ -167,6 +167,47 @@ inline void replace_method(torch::jit::Module& module, const std::string& name, 
   module.type()->addMethod(fn);
 }
 
+/// Runs a derived form of a module's forward (e.g. one calling training-only
+/// operators, or cut into recomputed pieces) outside the module, so the module's
+/// save() never sees it; derived again when the module's forward or `variant` changes.
+class DerivedForward {
+ public:
+  /// Runs forward(module, inputs...); `params` are the model's trainable tensors.
+  using Runner = std::function<torch::jit::IValue(const torch::jit::Module& module, std::vector<torch::jit::IValue> inputs,
+                                                  const std::vector<torch::Tensor>& params)>;
+  /// The runner for `module`'s current forward, or nullptr to run forward itself.
+  using Derive = std::function<Runner(const torch::jit::Module& module)>;
+
+  /// `module`'s forward on `inputs` through the runner `derive` gives for (forward, variant).
+  torch::jit::IValue run(torch::jit::Module& module, std::vector<torch::jit::IValue> inputs,
+                         const std::vector<torch::Tensor>& params, int variant, const Derive& derive) {
+    auto source = torch::jit::toGraphFunction(module.get_method("forward").function()).graph();
+    if (source != source_ || variant != variant_) {
+      source_ = std::move(source);
+      variant_ = variant;
+      runner_ = derive(module);
+    }
+    if (!runner_) return module.forward(std::move(inputs));
+    return runner_(module, std::move(inputs), params);
+  }
+
+  /// A runner calling `graph` (with `module`'s forward signature) as one function.
+  static Runner function_runner(const torch::jit::Module& module, std::shared_ptr<Graph> graph) {
+    auto unit = std::make_shared<torch::jit::CompilationUnit>();
+    torch::jit::Function* fn = unit->create_function(c10::QualifiedName("__torch__.peft.derived_forward"), std::move(graph));
+    fn->setSchema(module.get_method("forward").function().getSchema());  // the same arguments and defaults
+    return [unit, fn](const torch::jit::Module& m, std::vector<torch::jit::IValue> inputs, const std::vector<torch::Tensor>&) {
+      inputs.insert(inputs.begin(), m._ivalue());
+      return (*fn)(std::move(inputs));
+    };
+  }
+
+ private:
+  std::shared_ptr<Graph> source_;  // the forward graph the runner was derived from (held: no address reuse)
+  int variant_ = -1;
+  Runner runner_;
+};
+
 /// The attribute of `root` at dotted `path` ("" = root).
 inline torch::jit::Module submodule(const torch::jit::Module& root, const std::string& path) {
   torch::jit::Module m = root;

@@ -195,13 +195,12 @@ class LoRALinearImpl : public torch::nn::Module {
   /// QLoRA forward: the base in the compute dtype, the LoRA branch in the factors' dtype.
   torch::Tensor quantized_forward(const torch::Tensor& x) {
     if (merged_ && !requantized_) return base->forward(x);  // merged dense
-    torch::Tensor W = nf4::dequantize(*quantized_);
     if (options_.use_dora() && !merged_)
-      return functional::dora(x, W.to(x.scalar_type()), base->bias, lora_A, lora_B, lora_magnitude_vector,
-                              func_options());
-    const auto compute = W.scalar_type();
+      return functional::dora(x, nf4::dequantize(*quantized_).to(x.scalar_type()), base->bias, lora_A, lora_B,
+                              lora_magnitude_vector, func_options());
+    const auto compute = quantized_->dtype;
     torch::Tensor bias = base->bias.defined() ? base->bias.to(compute) : base->bias;
-    torch::Tensor y = torch::nn::functional::linear(x.to(compute), W, bias).to(x.scalar_type());
+    torch::Tensor y = nf4::linear(x.to(compute), *quantized_, bias).to(x.scalar_type());  // keeps no dequantised weight
     if (merged_) return y;  // re-quantised with the update folded in
     torch::Tensor dropped = torch::nn::functional::dropout(
         x, torch::nn::functional::DropoutFuncOptions().p(options_.lora_dropout()).training(is_training() && options_.lora_dropout() > 0));

@@ -41,6 +41,8 @@ class NativeLayerImpl : public torch::nn::Cloneable<NativeLayerImpl>, public nn:
     if (options_.use_dora()) lora_magnitude_vector.set_data(functional::dora_weight_norm(W, A, B, func(base.fan_in_fan_out)));
   }
 
+  bool uses_base_weight() const override { return options_.use_dora(); }
+
   torch::Tensor output(const torch::Tensor& x, const torch::Tensor& y, const nn::LinearBase& base) override {
     const auto options = func(base.fan_in_fan_out);
     if (options_.use_dora())

@@ -25,7 +25,9 @@ namespace nn {
 
 /// The frozen layer an adapter sees: y = x·Wᵀ + b, or x·W + b with fan_in_fan_out.
 struct LinearBase {
-  const torch::Tensor& weight;  ///< [out, in], or [in, out] with fan_in_fan_out
+  /// [out, in], or [in, out] with fan_in_fan_out; undefined in forward on an NF4 layer
+  /// unless an active adapter's uses_base_weight() says it reads it.
+  const torch::Tensor& weight;
   const torch::Tensor& bias;    ///< [out], or undefined
   bool fan_in_fan_out;          ///< weight stored [in, out] (GPT-2's Conv1D)
 };
@@ -39,6 +41,8 @@ class LinearAdapter : public SlotAdapter {
   virtual torch::Tensor input(const torch::Tensor& x) { return x; }
   /// The layer's output y [..., out] for input x [..., in] after this adapter; default: y.
   virtual torch::Tensor output(const torch::Tensor& x, const torch::Tensor& y, const LinearBase& base) { return y; }
+  /// Whether output() reads `base.weight` (else an NF4 layer does not dequantise it for the adapter).
+  virtual bool uses_base_weight() const { return false; }
   /// Folds the adapter into `weight` / `bias` in place (no grad).
   virtual void merge(torch::Tensor& weight, torch::Tensor& bias, bool fan_in_fan_out) = 0;
   /// Undoes merge() (up to rounding).
@@ -116,16 +120,23 @@ class AdaptedLayer : public AdapterHost {
   /// With a merged adapter in training mode, backward throws ModelError (unmerge first).
   template <typename Product>
   torch::Tensor run(const torch::Tensor& x, Product product, bool training, const char* layer) {
-    const torch::Tensor W = frozen_weight();
-    const bool cast = W.scalar_type() != x.scalar_type();  // QLoRA with a compute dtype
-    const torch::Tensor W_x = cast ? W.to(x.scalar_type()) : W;
-    const LinearBase base{W_x, bias, fan_in_fan_out_};
+    const bool nf4 = nf4_ && weight.numel() == 0;
+    const auto compute = nf4 ? nf4_->dtype : weight.scalar_type();
+    const bool cast = compute != x.scalar_type();  // QLoRA with a compute dtype
     torch::Tensor h = x;
+    bool base_weight_used = false;
     for (const auto& s : slots_.all())
-      if (s.applies()) h = detail::AdapterSlots::masked(s, s.as<LinearAdapter>().input(h), h);
-    torch::Tensor y = cast ? product(h.to(W.scalar_type()), W, bias.defined() ? bias.to(W.scalar_type()) : bias)
-                                 .to(x.scalar_type())
-                           : product(h, W, bias);
+      if (s.applies()) {
+        h = detail::AdapterSlots::masked(s, s.as<LinearAdapter>().input(h), h);
+        base_weight_used = base_weight_used || s.as<LinearAdapter>().uses_base_weight();
+      }
+    // An NF4 weight is dequantised for adapters that read it (DoRA); the frozen product keeps only its 4 bits.
+    const torch::Tensor W = nf4 && !base_weight_used ? torch::Tensor() : frozen_weight();
+    const torch::Tensor W_x = cast && W.defined() ? W.to(x.scalar_type()) : W;
+    const LinearBase base{W_x, bias, fan_in_fan_out_};
+    const torch::Tensor h_c = cast ? h.to(compute) : h, b_c = cast && bias.defined() ? bias.to(compute) : bias;
+    torch::Tensor y = nf4 ? nf4::linear(h_c, *nf4_, b_c, fan_in_fan_out_) : product(h_c, weight, b_c);
+    if (cast) y = y.to(x.scalar_type());
     for (const auto& s : slots_.all())
       if (s.applies()) y = detail::AdapterSlots::masked(s, s.as<LinearAdapter>().output(x, y, base), y);
     if (!slots_.any_merged() || !peft::detail::records_training(training)) return y;

@@ -10,6 +10,7 @@
 #include <peft/quant/nf4.h>
 
 #include <fmt/format.h>
+#include <torch/library.h>
 
 #include <string>
 #include <vector>
@@ -215,6 +216,96 @@ inline void quantize_linear_layers(torch::jit::Module& model, const std::vector<
     layer.setattr("weight", torch::empty({0}, W.options()));  // releases the fp32 weight
   }
   jit::replace_method(model, "forward", graph);
+}
+
+namespace detail {
+
+/// The kernel of peft::nf4_linear: nf4::linear on an NF4Weight module's tensors (`dense`, when
+/// it holds a merged weight, instead); `nested_absmax` is empty without double quantisation.
+inline torch::Tensor nf4_linear_kernel(const torch::Tensor& input, const torch::Tensor& quant_weight,
+                                       const torch::Tensor& absmax, const torch::Tensor& nested_absmax,
+                                       const torch::Tensor& nested_offset, const torch::Tensor& dense,
+                                       const c10::optional<torch::Tensor>& bias, at::IntArrayRef shape, int64_t blocksize,
+                                       int64_t dtype, bool fan_in_fan_out) {
+  const torch::Tensor b = bias ? *bias : torch::Tensor();
+  if (dense.numel() > 0) {
+    if (!fan_in_fan_out) return torch::nn::functional::linear(input, dense, b);
+    return b.defined() ? torch::matmul(input, dense) + b : torch::matmul(input, dense);
+  }
+  const bool nested = nested_absmax.numel() > 0;
+  const Quantized q{quant_weight, absmax, nested ? nested_absmax : torch::Tensor(), nested ? nested_offset : torch::Tensor(),
+                    shape.vec(), blocksize, static_cast<torch::ScalarType>(dtype)};
+  return linear(input, q, b, fan_in_fan_out);
+}
+
+/// Registers the operator peft::nf4_linear (once per process): training graphs call it.
+inline void register_nf4_linear() {
+  static const std::unique_ptr<torch::Library> library = [] {
+    auto lib = std::make_unique<torch::Library>(torch::Library::FRAGMENT, "peft", c10::nullopt, __FILE__, __LINE__);
+    lib->def("nf4_linear(Tensor input, Tensor quant_weight, Tensor absmax, Tensor nested_absmax, Tensor nested_offset, "
+             "Tensor dense, Tensor? bias, int[] shape, int blocksize, int dtype, bool fan_in_fan_out) -> Tensor",
+             &nf4_linear_kernel);
+    return lib;
+  }();
+}
+
+/// {x, bias (None), fan_in_fan_out} of `user` when it applies the weight `w` as a linear
+/// layer: linear(x, w, b), matmul(x, w) or addmm(b, x, w) with beta = alpha = 1.
+inline std::optional<std::tuple<jit::Value*, jit::Value*, bool>> linear_use(jit::Node* user, jit::Value* w) {
+  auto is_one = [](jit::Value* v) {
+    auto c = torch::jit::toIValue(v);
+    return c && ((c->isInt() && c->toInt() == 1) || (c->isDouble() && c->toDouble() == 1.0));
+  };
+  if (user->kind() == c10::aten::linear && user->input(1) == w) return std::make_tuple(user->input(0), user->input(2), false);
+  if (user->kind() == c10::aten::matmul && user->input(1) == w) return std::make_tuple(user->input(0), nullptr, true);
+  if (user->kind() == c10::aten::addmm && user->input(2) == w && user->inputs().size() == 5 && is_one(user->input(3)) &&
+      is_one(user->input(4)))
+    return std::make_tuple(user->input(1), user->input(0), true);
+  return std::nullopt;
+}
+
+/// Replaces each linear use of the NF4 weight `call` computes (`self.peft_nf4.<key>.weight()`,
+/// whose module is `m`) by peft::nf4_linear on the module's tensors.
+inline void fuse_linear_uses(jit::Graph& graph, jit::Node* call, const torch::jit::Module& m) {
+  jit::Value* w = call->output();
+  const auto uses = w->uses();
+  for (const auto& use : uses) {
+    auto linear = linear_use(use.user, w);
+    if (!linear) continue;
+    torch::jit::WithInsertPoint guard(use.user);
+    std::vector<torch::jit::NamedValue> args{std::get<0>(*linear)};
+    for (const char* field : {"quant_weight", "absmax", "nested_absmax", "nested_offset", "dense"})
+      args.emplace_back(graph.insertGetAttr(call->input(0), field));
+    args.emplace_back(std::get<1>(*linear) ? std::get<1>(*linear) : graph.insertConstant(c10::IValue()));
+    args.emplace_back(graph.insertConstant(c10::IValue(m.attr("shape").toIntVector())));
+    args.emplace_back(graph.insertConstant(m.attr("blocksize").toInt()));
+    args.emplace_back(graph.insertConstant(m.attr("dtype").toInt()));
+    args.emplace_back(graph.insertConstant(std::get<2>(*linear)));
+    jit::Value* fused = graph.insert(c10::Symbol::fromQualString("peft::nf4_linear"), args);
+    use.user->output()->replaceAllUsesWith(fused);
+  }
+}
+
+}  // namespace detail
+
+/// A copy of `model`'s forward graph for training, whose NF4 linear layers run as
+/// the registered operator peft::nf4_linear (nf4::linear: autograd keeps the 4-bit
+/// state, not the dequantised weight); nullptr when `model` has no NF4 weight. The
+/// model's own forward keeps standard ops, so what save() writes loads in plain PyTorch.
+inline std::shared_ptr<jit::Graph> training_graph(const torch::jit::Module& model) {
+  if (!model.hasattr(jit::Injection::kQuantContainer)) return nullptr;
+  detail::register_nf4_linear();
+  auto graph = jit::method_graph(model, "forward");
+  const std::string prefix = std::string(jit::Injection::kQuantContainer) + ".";
+  std::vector<std::pair<jit::Node*, std::string>> calls;
+  jit::for_each_node(graph->block(), [&](jit::Node* n) {
+    if (n->kind() != c10::prim::CallMethod || n->s(c10::attr::name) != "weight") return;
+    auto path = jit::module_path(n->input(0));
+    if (path && path->rfind(prefix, 0) == 0) calls.emplace_back(n, *path);
+  });
+  for (const auto& [call, path] : calls) detail::fuse_linear_uses(*graph, call, jit::submodule(model, path));
+  torch::jit::EliminateDeadCode(graph);
+  return graph;
 }
 
 /// Every linear layer forward applies, but the output head (as "all-linear").

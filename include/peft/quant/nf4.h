@@ -295,6 +295,64 @@ inline torch::Tensor dequantize(const Quantized& q) {
   return scale_blocks(values, absmax_values(q), q.blocksize, q.numel()).view(q.shape).to(q.dtype);
 }
 
+namespace detail {
+
+/// x·Wᵀ + b (x·W + b with `fan_in_fan_out`) for W = dequantize(q), saving only the 4-bit
+/// state: backward dequantises again for the input's gradient (bitsandbytes' MatMul4Bit).
+/// (LibTorch 1.13's Function::apply takes no undefined tensors: no bias is an empty one.)
+struct NF4LinearFunction : torch::autograd::Function<NF4LinearFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& bias,
+                               const Quantized& q, bool has_bias, bool fan_in_fan_out) {
+    ctx->saved_data["packed"] = q.packed;
+    ctx->saved_data["absmax"] = q.absmax;
+    if (q.double_quant()) {
+      ctx->saved_data["nested_absmax"] = q.nested_absmax;
+      ctx->saved_data["nested_offset"] = q.nested_offset;
+    }
+    ctx->saved_data["shape"] = q.shape;
+    ctx->saved_data["blocksize"] = q.blocksize;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(q.dtype);
+    ctx->saved_data["fan_in_fan_out"] = fan_in_fan_out;
+    const torch::Tensor W = dequantize(q), b = has_bias ? bias : torch::Tensor();
+    if (!fan_in_fan_out) return torch::nn::functional::linear(x, W, b);
+    if (!has_bias) return torch::matmul(x, W);
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = W.size(1);
+    return torch::addmm(b, x.reshape({-1, W.size(0)}), W).view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grad) {
+    const torch::Tensor& g = grad[0];
+    torch::Tensor grad_x, grad_bias;
+    if (ctx->needs_input_grad(0)) {
+      auto& saved = ctx->saved_data;
+      Quantized q{saved["packed"].toTensor(), saved["absmax"].toTensor(), {}, {}, saved["shape"].toIntVector(),
+                  saved["blocksize"].toInt(), static_cast<torch::ScalarType>(saved["dtype"].toInt())};
+      if (saved.count("nested_absmax")) q.nested_absmax = saved["nested_absmax"].toTensor(), q.nested_offset = saved["nested_offset"].toTensor();
+      const torch::Tensor W = dequantize(q);
+      grad_x = saved["fan_in_fan_out"].toBool() ? torch::matmul(g, W.t()) : torch::matmul(g, W);
+    }
+    if (ctx->needs_input_grad(1)) grad_bias = g.reshape({-1, g.size(-1)}).sum(0);
+    return {grad_x, grad_bias, {}, {}, {}};
+  }
+};
+
+}  // namespace detail
+
+/// The frozen NF4 linear layer (bitsandbytes' Linear4bit / MatMul4Bit): x [..., in]
+/// -> [..., out] = x·Wᵀ + b for W = dequantize(q) [out, in] (with `fan_in_fan_out`,
+/// W [in, out] and x·W + b: GPT-2's Conv1D). x and bias in q.dtype. Autograd keeps no
+/// dequantised weight: backward dequantises again for x's gradient (W gets none;
+/// bias gets one when it requires it), so training holds 4-bit weights only.
+///
+/// ```
+/// torch::Tensor y = peft::nf4::linear(x, q, bias);   // as linear(x, dequantize(q), bias)
+/// ```
+inline torch::Tensor linear(const torch::Tensor& x, const Quantized& q, const torch::Tensor& bias, bool fan_in_fan_out = false) {
+  const torch::Tensor b = bias.defined() ? bias : torch::empty({0}, x.options());
+  return detail::NF4LinearFunction::apply(x, b, q, bias.defined(), fan_in_fan_out);
+}
+
 /// The largest error NF4 allows for each element of `weight` quantised as `q`:
 /// half the widest gap between neighbouring codes (0.1519) times the absmax of
 /// its block, plus the error of that absmax after double quantisation.
