@@ -64,7 +64,8 @@ int run(int argc, char** argv) {
   app.add_option("--infer", infer, "inference instead: base, unmerged or merged")->check(CLI::IsMember({"base", "unmerged", "merged"}));
   app.add_flag("--checkpointing", checkpointing, "gradient checkpointing per decoder layer");
   app.add_flag("--chunked-loss", chunked, "the causal-LM loss without the full logits (CausalLM::loss)");
-  app.add_option("--steps", steps, "measured steps (after one warm-up step)")->check(CLI::PositiveNumber);
+  app.add_option("--steps", steps, "measured steps after one warm-up step (0: the warm-up step alone, timed)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--batch", batch)->check(CLI::PositiveNumber);
   app.add_option("--seq", seq)->check(CLI::PositiveNumber);
   app.add_option("--threads", threads)->check(CLI::PositiveNumber);
@@ -102,7 +103,7 @@ int run(int argc, char** argv) {
     for (int i = 0; i <= steps; ++i) {
       const auto start = Clock::now();
       model->forward(ids);
-      if (i > 0) times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+      if (i > 0 || steps == 0) times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
     }
   } else {
     model->train();
@@ -120,7 +121,7 @@ int run(int argc, char** argv) {
       optimizer.zero_grad();
       loss.backward();
       optimizer.step();
-      if (i > 0) times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+      if (i > 0 || steps == 0) times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
     }
   }
   fmt::print("step_s {:.4f}\npeak_rss_mib {:.0f}\n", median(times), peak_rss_mib());

@@ -281,3 +281,37 @@ TEST(JitCheckpointing, StacksAreTheOutermostNumberedModules) {
 }
 
 }  // namespace
+
+#include <unistd.h>
+
+#include <fstream>
+
+namespace {
+
+/// The process's resident memory in bytes (/proc/self/statm).
+size_t resident_bytes() {
+  size_t total = 0, resident = 0;
+  std::ifstream("/proc/self/statm") >> total >> resident;
+  return resident * static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+TEST(MappedPages, AReleasedWeightOfAMappedCheckpointLeavesMemoryAndNothingElseDoes) {
+  const auto dir = peft_test::fresh_dir("mapped_pages");
+  peft::io::save_safetensors(dir / "w.safetensors", {{"a", torch::randn({1024, 1024})}, {"b", torch::randn({1024, 256})}});
+  auto file = peft::io::load_safetensors_mapped(dir / "w.safetensors");
+  torch::Tensor a = file.tensors.at("a"), b = file.tensors.at("b");
+  const double b_sum = b.sum().item<double>();
+  EXPECT_TRUE(std::isfinite(a.sum().item<double>()));  // every page of a is touched: resident
+  expect_error<peft::FileError>([&] { peft::io::load_safetensors_mapped(dir / "missing.safetensors"); }, {"missing.safetensors"});
+  torch::Tensor shared = a.view({-1});  // a second view of the storage: not released
+  file.tensors.clear();
+  EXPECT_EQ(peft::io::release_mapped_pages(a), 0u);
+  shared.reset();
+  const size_t before = resident_bytes();
+  EXPECT_GE(peft::io::release_mapped_pages(a), a.nbytes() - static_cast<size_t>(::sysconf(_SC_PAGESIZE)));
+  EXPECT_GE(before - std::min(before, resident_bytes()), a.nbytes() * 9 / 10) << "a's pages left the process";
+  EXPECT_EQ(b.sum().item<double>(), b_sum) << "the neighbouring tensor is as it was";
+  EXPECT_EQ(peft::io::release_mapped_pages(torch::randn({1024, 1024})), 0u) << "heap memory is not a mapped checkpoint";
+}
+
+}  // namespace

@@ -1,9 +1,10 @@
 #pragma once
 /// @file
 /// Cross entropy of a linear output head without the full logits: the head is
-/// applied a chunk of tokens at a time in forward and again in backward, so the
-/// [tokens, vocab] logits, their softmax and their gradient never exist at once
-/// (what fused linear cross-entropy kernels, e.g. Liger's, do). Equal, up to
+/// applied a chunk of tokens at a time, and each chunk's gradients are computed
+/// while its logits exist, so the [tokens, vocab] logits, their softmax and their
+/// gradient never exist at once (what fused linear cross-entropy kernels, e.g.
+/// Liger's, do). Equal, up to
 /// summation order, to `cross_entropy(hidden·Wᵀ + b, targets)` in fp32.
 
 #include <peft/core/error.h>
@@ -29,57 +30,51 @@ inline torch::Tensor chunk_logits(const torch::Tensor& h, const torch::Tensor& w
   return torch::nn::functional::linear(h, weight, bias).to(torch::kFloat);
 }
 
-/// forward: the summed loss over valid targets / their count, keeping only each row's
-/// log-sum-exp [N]; backward: softmax − one-hot per chunk, times the incoming gradient.
-/// (LibTorch 1.13's Function::apply takes no undefined tensors: no bias is an empty one.)
+/// forward: the summed loss over valid targets / their count, chunk by chunk; when an
+/// input needs a gradient, each chunk's d loss / d logits = (softmax − one-hot) / count is
+/// turned into the gradients of hidden, weight and bias right away (the logits exist
+/// once, as in Liger's fused linear cross entropy); backward scales them by the
+/// incoming gradient. (LibTorch 1.13's Function::apply takes no undefined tensors: no
+/// bias is an empty one.)
 struct LinearCrossEntropyFunction : torch::autograd::Function<LinearCrossEntropyFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden, const torch::Tensor& weight,
-                               const torch::Tensor& head_bias, const torch::Tensor& targets, int64_t chunk, int64_t ignore_index) {
+                               const torch::Tensor& head_bias, const torch::Tensor& targets, int64_t chunk, int64_t ignore_index,
+                               bool recording) {
     const int64_t n = hidden.size(0);
     const torch::Tensor bias = head_bias.numel() > 0 ? head_bias : torch::Tensor();
-    torch::Tensor valid = targets.ne(ignore_index);
-    torch::Tensor safe_targets = targets.masked_fill(valid.logical_not(), 0);
-    torch::Tensor lse = torch::empty({n}, hidden.options().dtype(torch::kFloat));
-    torch::Tensor total = torch::zeros({}, lse.options());
+    const bool want_hidden = recording && hidden.requires_grad(), want_weight = recording && weight.requires_grad(),
+               want_bias = recording && bias.defined() && bias.requires_grad();
+    const torch::Tensor valid = targets.ne(ignore_index);
+    const torch::Tensor safe_targets = targets.masked_fill(valid.logical_not(), 0);
+    const torch::Tensor count = valid.sum().to(torch::kFloat);
+    torch::Tensor grad_hidden = want_hidden ? torch::empty_like(hidden) : torch::Tensor();
+    torch::Tensor grad_weight = want_weight ? torch::zeros(weight.sizes(), weight.options().dtype(torch::kFloat)) : torch::Tensor();
+    torch::Tensor grad_bias = want_bias ? torch::zeros(bias.sizes(), bias.options().dtype(torch::kFloat)) : torch::Tensor();
+    torch::Tensor total = torch::zeros({}, hidden.options().dtype(torch::kFloat));
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t len = std::min(chunk, n - start);
-      torch::Tensor logits = chunk_logits(hidden.narrow(0, start, len), weight, bias);
-      torch::Tensor row_lse = logits.logsumexp(1);
-      lse.narrow(0, start, len).copy_(row_lse);
-      torch::Tensor picked = logits.gather(1, safe_targets.narrow(0, start, len).unsqueeze(1)).squeeze(1);
-      total += ((row_lse - picked) * valid.narrow(0, start, len)).sum();
+      const torch::Tensor h = hidden.narrow(0, start, len), t = safe_targets.narrow(0, start, len).unsqueeze(1);
+      const torch::Tensor v = valid.narrow(0, start, len).to(torch::kFloat);
+      torch::Tensor logits = chunk_logits(h, weight, bias);
+      const torch::Tensor lse = logits.logsumexp(1, /*keepdim=*/true);
+      total += ((lse.squeeze(1) - logits.gather(1, t).squeeze(1)) * v).sum();
+      if (!want_hidden && !want_weight && !want_bias) continue;
+      torch::Tensor& g = logits.sub_(lse).exp_();  // softmax, in place of the logits
+      g.scatter_add_(1, t, torch::full({len, 1}, -1.0f, g.options())).mul_((v / count).unsqueeze(1));
+      if (want_hidden) grad_hidden.narrow(0, start, len).copy_(torch::mm(g.to(weight.scalar_type()), weight));
+      if (want_weight) grad_weight.addmm_(g.t(), h.to(torch::kFloat));
+      if (want_bias) grad_bias += g.sum(0);
     }
-    torch::Tensor count = valid.sum().to(torch::kFloat);
-    ctx->save_for_backward({hidden, weight, head_bias, safe_targets, valid, lse, count});
-    ctx->saved_data["chunk"] = chunk;
+    ctx->save_for_backward({grad_hidden.defined() ? grad_hidden : torch::empty({0}),
+                            want_weight ? grad_weight.to(weight.scalar_type()) : torch::empty({0}),
+                            want_bias ? grad_bias.to(bias.scalar_type()) : torch::empty({0})});
     return total / count;  // NaN when every target is ignored, as PyTorch's mean reduction gives
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grad) {
     const auto saved = ctx->get_saved_variables();
-    const torch::Tensor &hidden = saved[0], &weight = saved[1], &targets = saved[3], &valid = saved[4], &lse = saved[5],
-                        &count = saved[6];
-    const torch::Tensor bias = saved[2].numel() > 0 ? saved[2] : torch::Tensor();
-    const int64_t n = hidden.size(0), chunk = ctx->saved_data["chunk"].toInt();
-    const bool want_hidden = ctx->needs_input_grad(0), want_weight = ctx->needs_input_grad(1),
-               want_bias = bias.defined() && ctx->needs_input_grad(2);
-    torch::Tensor grad_hidden = want_hidden ? torch::empty_like(hidden) : torch::Tensor();
-    torch::Tensor grad_weight = want_weight ? torch::zeros(weight.sizes(), weight.options().dtype(torch::kFloat)) : torch::Tensor();
-    torch::Tensor grad_bias = want_bias ? torch::zeros(bias.sizes(), bias.options().dtype(torch::kFloat)) : torch::Tensor();
-    torch::Tensor scale = grad[0].to(torch::kFloat) / count;
-    for (int64_t start = 0; start < n; start += chunk) {
-      const int64_t len = std::min(chunk, n - start);
-      torch::Tensor h = hidden.narrow(0, start, len);
-      // d loss / d logits = (softmax − one-hot) · scale on valid rows, 0 on ignored ones.
-      torch::Tensor g = chunk_logits(h, weight, bias).sub_(lse.narrow(0, start, len).unsqueeze(1)).exp_();
-      g.scatter_add_(1, targets.narrow(0, start, len).unsqueeze(1), torch::full({len, 1}, -1.0f, g.options()));
-      g.mul_((valid.narrow(0, start, len).to(torch::kFloat) * scale).unsqueeze(1));
-      if (want_hidden) grad_hidden.narrow(0, start, len).copy_(torch::mm(g.to(weight.scalar_type()), weight));
-      if (want_weight) grad_weight.addmm_(g.t(), h.to(torch::kFloat));
-      if (want_bias) grad_bias += g.sum(0);
-    }
-    return {grad_hidden, want_weight ? grad_weight.to(weight.scalar_type()) : torch::Tensor(),
-            want_bias ? grad_bias.to(bias.scalar_type()) : torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    auto scaled = [&](size_t i) { return saved[i].numel() > 0 ? saved[i] * grad[0].to(saved[i].scalar_type()) : torch::Tensor(); };
+    return {scaled(0), scaled(1), scaled(2), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -114,7 +109,8 @@ inline torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const tor
                                                    : std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, weight.size(0)));
   const torch::Tensor head_bias = bias.defined() ? bias : torch::empty({0}, weight.options());
   return detail::LinearCrossEntropyFunction::apply(hidden.reshape({-1, hidden.size(-1)}), weight, head_bias,
-                                                   targets.reshape({-1}), chunk, options.ignore_index());
+                                                   targets.reshape({-1}), chunk, options.ignore_index(),
+                                                   torch::GradMode::is_enabled());  // (apply turns it off inside)
 }
 
 /// HF's causal-LM loss (transformers' ForCausalLMLoss) without the logits: position t

@@ -6,13 +6,13 @@
 
 #include <peft/core/error.h>
 #include <peft/core/loss.h>
+#include <peft/core/rng.h>
 #include <peft/hf/config.h>
 #include <peft/nn/linear.h>
 #include <peft/nn/sites.h>
 #include <torch/torch.h>
 
 #include <limits>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -191,8 +191,9 @@ inline std::string checked_activation(const std::string& name, const std::string
 /// Applies the activation `name` (one checked_activation accepts): gelu is erf's, the *_new/tanh/fast ones tanh's.
 inline torch::Tensor activation(const std::string& name, const torch::Tensor& x) {
   if (name == "gelu") return torch::gelu(x);
-  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast")  // equal up to rounding
-    return 0.5 * x * (1.0 + torch::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * torch::pow(x, 3.0))));
+  // HF's NewGELU / FastGELU formula, equal up to rounding: one kernel instead of eight
+  // (whose temporaries autograd would keep), which gelu_pytorch_tanh is in HF too.
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast") return torch::gelu(x, "tanh");
   if (name == "relu") return torch::relu(x);
   if (name == "tanh") return torch::tanh(x);
   return torch::silu(x);
@@ -243,11 +244,7 @@ class CheckpointableLayer {
 struct RecomputedLayer : torch::autograd::Function<RecomputedLayer> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, at::TensorList extra,
                                at::TensorList params, CheckpointableLayer* layer) {
-    at::Generator generator = at::globalContext().defaultGenerator(x.device());
-    {
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      ctx->saved_data["rng"] = generator.get_state();
-    }
+    ctx->saved_data["rng"] = peft::detail::generator_state(x.device());
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["extra"] = static_cast<int64_t>(extra.size());
     ctx->saved_data["params"] = static_cast<int64_t>(params.size());
@@ -280,21 +277,9 @@ struct RecomputedLayer : torch::autograd::Function<RecomputedLayer> {
   /// The layer's forward again, with the generator state of the first forward, then the current one back.
   static torch::Tensor recompute(torch::autograd::AutogradContext* ctx, CheckpointableLayer& layer, const torch::Tensor& x,
                                  const std::vector<torch::Tensor>& extra, torch::Device device) {
-    at::Generator generator = at::globalContext().defaultGenerator(device);
-    torch::Tensor now;
-    {
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      now = generator.get_state();
-      generator.set_state(ctx->saved_data["rng"].toTensor());
-    }
-    torch::Tensor y;
-    {
-      torch::AutoGradMode enable(true);
-      y = layer.layer_forward(x, extra);
-    }
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    generator.set_state(now);
-    return y;
+    const peft::detail::ReplayedGenerator replay(device, ctx->saved_data["rng"].toTensor());
+    torch::AutoGradMode enable(true);
+    return layer.layer_forward(x, extra);
   }
 };
 

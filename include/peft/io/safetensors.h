@@ -21,9 +21,11 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <set>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace peft {
 namespace io {
@@ -236,6 +238,16 @@ inline void save_safetensors(const std::filesystem::path& path, const std::map<s
 
 namespace detail {
 
+/// The address ranges of the live MappedFiles (release_mapped_pages acts inside them only).
+struct MappedRanges {
+  std::mutex mutex;
+  std::vector<std::pair<const char*, size_t>> ranges;
+};
+inline MappedRanges& mapped_ranges() {
+  static MappedRanges ranges;
+  return ranges;
+}
+
 /// A file mapped copy-on-write (MAP_PRIVATE, read and write): pages load as they are touched,
 /// stay the page cache's until written, and a write never reaches the file.
 class MappedFile {
@@ -252,8 +264,17 @@ class MappedFile {
     check<FileError>(sized && size_ > 0 && p != MAP_FAILED, "cannot map '{}': {}", path.string(),
                      size_ == 0 ? "empty file" : std::strerror(err));
     data_ = static_cast<char*>(p);
+    std::lock_guard<std::mutex> lock(mapped_ranges().mutex);
+    mapped_ranges().ranges.emplace_back(data_, size_);
   }
-  ~MappedFile() { ::munmap(data_, size_); }
+  ~MappedFile() {
+    {
+      std::lock_guard<std::mutex> lock(mapped_ranges().mutex);
+      auto& r = mapped_ranges().ranges;
+      r.erase(std::remove(r.begin(), r.end(), std::make_pair(static_cast<const char*>(data_), size_)), r.end());
+    }
+    ::munmap(data_, size_);
+  }
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
   /// The file's bytes.
@@ -273,6 +294,27 @@ class MappedFile {
 inline TensorFile load_safetensors_mapped(const std::filesystem::path& path) {
   auto mapped = std::make_shared<detail::MappedFile>(path);
   return from_safetensors(mapped->bytes(), path.string(), mapped);
+}
+
+/// Hands the memory of `t`'s bytes back to the kernel when they lie in a memory-mapped
+/// checkpoint (load_safetensors_mapped) and no other tensor shares its storage: the pages
+/// of a live map stay resident once touched, so a weight replaced in place (QLoRA
+/// quantises a layer, then empties its fp32 weight) would otherwise keep its memory.
+/// Pages shared with neighbouring tensors stay. Call it only for a tensor nothing reads
+/// again (a later read would see the file's bytes). Returns the bytes released.
+inline size_t release_mapped_pages(const torch::Tensor& t) {
+  if (!t.defined() || !t.has_storage() || t.storage().use_count() != 1 || t.nbytes() == 0) return 0;
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  if (last <= first) return 0;
+  std::lock_guard<std::mutex> lock(detail::mapped_ranges().mutex);
+  for (const auto& [data, size] : detail::mapped_ranges().ranges) {
+    const auto lo = reinterpret_cast<uintptr_t>(data);
+    if (begin >= lo && end <= lo + size)
+      return ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED) == 0 ? last - first : 0;
+  }
+  return 0;
 }
 
 /// Reads and checks a safetensors file.

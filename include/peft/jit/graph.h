@@ -185,6 +185,7 @@ class DerivedForward {
     if (source != source_ || variant != variant_) {
       source_ = std::move(source);
       variant_ = variant;
+      if (runner_) retired_.push_back(std::move(runner_));  // a graph recorded with it may still run backward
       runner_ = derive(module);
     }
     if (!runner_) return module.forward(std::move(inputs));
@@ -206,6 +207,7 @@ class DerivedForward {
   std::shared_ptr<Graph> source_;  // the forward graph the runner was derived from (held: no address reuse)
   int variant_ = -1;
   Runner runner_;
+  std::vector<Runner> retired_;  // earlier runners: their pieces stay valid for pending backward passes
 };
 
 /// The attribute of `root` at dotted `path` ("" = root).

@@ -9,13 +9,13 @@
 /// never sees them.
 
 #include <peft/core/error.h>
+#include <peft/core/rng.h>
 #include <peft/jit/graph.h>
 
 #include <torch/torch.h>
 
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -87,11 +87,10 @@ struct RecomputedPiece : torch::autograd::Function<RecomputedPiece> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList tensors,
                                                 at::TensorList params, const Piece* piece, c10::IValue values,
                                                 c10::IValue slots) {
-    at::Generator generator = at::detail::getDefaultCPUGenerator();
-    {
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      ctx->saved_data["rng"] = generator.get_state();
-    }
+    // The generator dropout draws from: the one of the tensors' device (the block's inputs).
+    const torch::Device device = tensors.empty() ? torch::Device(torch::kCPU) : tensors[0].device();
+    ctx->saved_data["rng"] = peft::detail::generator_state(device);
+    ctx->saved_data["device"] = device;
     ctx->saved_data["piece"] = reinterpret_cast<int64_t>(piece);
     ctx->saved_data["values"] = values;
     ctx->saved_data["slots"] = slots;
@@ -141,21 +140,9 @@ struct RecomputedPiece : torch::autograd::Function<RecomputedPiece> {
 
  private:
   static std::vector<c10::IValue> rerun(torch::autograd::AutogradContext* ctx, const Piece& piece, std::vector<c10::IValue> inputs) {
-    at::Generator generator = at::detail::getDefaultCPUGenerator();
-    torch::Tensor now;
-    {
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      now = generator.get_state();
-      generator.set_state(ctx->saved_data["rng"].toTensor());
-    }
-    std::vector<c10::IValue> out;
-    {
-      torch::AutoGradMode enable(true);
-      out = run_piece(piece, std::move(inputs));
-    }
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    generator.set_state(now);
-    return out;
+    const peft::detail::ReplayedGenerator replay(ctx->saved_data["device"].toDevice(), ctx->saved_data["rng"].toTensor());
+    torch::AutoGradMode enable(true);
+    return run_piece(piece, std::move(inputs));
   }
 };
 

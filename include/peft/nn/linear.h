@@ -77,6 +77,7 @@ class AdaptedLayer : public AdapterHost {
     requantize_on_merge_ = config.requantize_on_merge();
     nf4_ = nf4::quantize(weight, config);
     register_nf4(*nf4_);
+    io::release_mapped_pages(weight);  // a weight viewing a mapped checkpoint would keep its pages resident
     weight.set_data(torch::empty({0}, weight.options()));
   }
 
