@@ -390,7 +390,8 @@ class PeftModel : public detail::PeftModelBase<PeftModel, jit::NamedAdapter> {
   torch::jit::IValue run_adapted(std::vector<torch::jit::IValue> inputs) {
     if (!adapted_.is_training() || !torch::GradMode::is_enabled()) return adapted_.forward(std::move(inputs));
     const bool checkpointing = checkpointing_;
-    return training_forward_.run(adapted_, std::move(inputs), trainable_parameters(), checkpointing,
+    return training_forward_.run(adapted_, std::move(inputs),
+                                 checkpointing ? trainable_parameters() : std::vector<torch::Tensor>{}, checkpointing,
                                  [checkpointing](const torch::jit::Module& m) -> jit::DerivedForward::Runner {
                                    auto graph = nf4::training_graph(m);
                                    if (!checkpointing) return graph ? jit::DerivedForward::function_runner(m, graph) : nullptr;

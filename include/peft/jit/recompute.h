@@ -146,14 +146,6 @@ struct RecomputedPiece : torch::autograd::Function<RecomputedPiece> {
   }
 };
 
-/// The top-level node that `value` is defined in (or under); nullptr for graph inputs.
-inline Node* top_level_node(Value* value, Graph& graph) {
-  Node* n = value->node();
-  if (n == graph.param_node()) return nullptr;
-  while (n->owningBlock() != graph.block()) n = n->owningBlock()->owningNode();
-  return n;
-}
-
 }  // namespace detail
 
 /// A forward graph cut into pieces at the calls of stack blocks (see the file comment).
@@ -164,6 +156,7 @@ class RecomputedForward {
       : graph_(std::move(graph)), schema_(std::move(schema)), unit_(std::make_shared<torch::jit::CompilationUnit>()) {
     const auto stacks = stack_paths(model);
     std::vector<Node*> nodes(graph_->nodes().begin(), graph_->nodes().end());
+    for (size_t i = 0; i < nodes.size(); ++i) order_[nodes[i]] = static_cast<long>(i);
     std::vector<std::string> block(nodes.size());
     std::map<std::string, std::pair<size_t, size_t>> span;  // block -> [first, last] node index
     for (size_t i = 0; i < nodes.size(); ++i) {
@@ -220,27 +213,17 @@ class RecomputedForward {
  private:
   /// A function of nodes [a, b) of the top-level block.
   void add_piece(const std::vector<Node*>& nodes, size_t a, size_t b, bool block) {
-    std::unordered_map<Node*, size_t> index;
-    for (size_t i = 0; i < nodes.size(); ++i) index[nodes[i]] = i;
-    auto position = [&](Value* v) -> long {
-      Node* top = detail::top_level_node(v, *graph_);
-      return top ? static_cast<long>(index.at(top)) : -1;
-    };
     detail::Piece piece;
     // Constants and attribute reads are not passed between pieces: a piece that uses one
     // reads it again (a parameter passed out of a recomputed piece would get its grad_fn).
     auto is_constant = [](Value* v) { return v->node()->kind() == c10::prim::Constant; };
     auto is_read = [](Value* v) { return v->node()->kind() == c10::prim::GetAttr; };
     std::function<void(Value*)> add_input = [&](Value* v) {
-      if (is_constant(v) || position(v) >= static_cast<long>(a)) return;
+      if (is_constant(v) || position(v->node()) >= static_cast<long>(a)) return;
       if (is_read(v)) return add_input(v->node()->input(0));
       if (std::find(piece.inputs.begin(), piece.inputs.end(), v) == piece.inputs.end()) piece.inputs.push_back(v);
     };
-    auto after = [&](Node* user) {  // a user in a later piece, or the return
-      if (user == graph_->return_node()) return true;
-      while (user->owningBlock() != graph_->block()) user = user->owningBlock()->owningNode();
-      return index.at(user) >= b;
-    };
+    auto after = [&](Node* user) { return position(user) >= static_cast<long>(b); };  // a later piece, or the return
     for (size_t i = a; i < b; ++i) {
       for (Value* v : nodes[i]->inputs()) add_input(v);
       for (torch::jit::Block* inner : nodes[i]->blocks())
@@ -280,7 +263,7 @@ class RecomputedForward {
         const std::string name = n->kind().toUnqualString();
         mutates = mutates || n->kind() == c10::prim::SetAttr ||
                   (n->kind().is_aten() && !name.empty() && name.back() == '_' && !n->inputs().empty() &&
-                   position(n->input(0)) < static_cast<long>(a));
+                   position(n->input(0)->node()) < static_cast<long>(a));
       };
       check_node(nodes[i]);
       for (torch::jit::Block* inner : nodes[i]->blocks()) for_each_node(inner, check_node);
@@ -289,6 +272,15 @@ class RecomputedForward {
       return o->type()->kind() == c10::TypeKind::TensorType;
     });
     pieces_.push_back(std::move(piece));
+  }
+
+  /// Where `node` (or the top-level node it is nested in) runs: -1 for the graph's
+  /// inputs, the number of top-level nodes for the return.
+  long position(Node* node) const {
+    if (node == graph_->param_node()) return -1;
+    if (node == graph_->return_node()) return static_cast<long>(order_.size());
+    while (node->owningBlock() != graph_->block()) node = node->owningBlock()->owningNode();
+    return order_.at(node);
   }
 
   /// A recomputed piece, unless an input that is not a tensor holds one that needs a gradient (then plainly).
@@ -330,6 +322,7 @@ class RecomputedForward {
   c10::FunctionSchema schema_;
   std::shared_ptr<torch::jit::CompilationUnit> unit_;
   std::vector<detail::Piece> pieces_;
+  std::unordered_map<Node*, long> order_;  // index of each top-level node
 };
 
 }  // namespace jit
