@@ -30,6 +30,11 @@ function(peft_internal_target target)
   target_precompile_headers(${target} REUSE_FROM peft_pch)
 endfunction()
 
+# cpp-httplib (Debian's libcpp-httplib-dev: a compiled library, found by pkg-config) for
+# peft-serve and the tests that talk to it.
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET GLOBAL cpp-httplib)
+
 # The Python that exports fixtures: Debian's python3-torch, the same version
 # as libtorch-dev (the python3 first on PATH may have no torch).
 set(PEFT_PYTHON /usr/bin/python3 CACHE FILEPATH "Python interpreter with torch, used to export fixtures")

@@ -10,6 +10,7 @@ PACKAGES=(
   libopenblas0-pthread            # without it a matmul is ~20x slower (reference BLAS)
   libfmt-dev libgtest-dev libgmock-dev nlohmann-json3-dev libbenchmark-dev libcli11-dev
   libicu-dev                      # NFKC for the USE-Lite tokenizer
+  libcpp-httplib-dev              # HTTP for peft-serve
   libgloo-dev                     # headers of Gloo, the c10d backend peft::distributed uses
   clang libclang-rt-14-dev        # libFuzzer and clang's sanitizer runtimes (fuzz/, scripts/hardening.sh)
   doxygen                         # the API reference (cmake --build build --target docs)

@@ -2,7 +2,9 @@
 // Access to the TorchScript fixtures exported by tools/export_fixtures.py.
 
 #include <torch/script.h>
+#include <unistd.h>
 
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -111,6 +113,13 @@ inline void randomise(peft::PeftModel& model, double scale = 0.2, int64_t seed =
   torch::NoGradGuard no_grad;
   if (seed >= 0) torch::manual_seed(seed);
   for (auto& p : model.trainable_parameters()) p.add_(torch::randn_like(p) * scale);
+}
+
+/// The process's resident memory in bytes (/proc/self/statm).
+inline size_t resident_bytes() {
+  size_t total = 0, resident = 0;
+  std::ifstream("/proc/self/statm") >> total >> resident;
+  return resident * static_cast<size_t>(::sysconf(_SC_PAGESIZE));
 }
 
 /// A fresh, empty temporary directory.

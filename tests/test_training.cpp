@@ -288,12 +288,7 @@ TEST(JitCheckpointing, StacksAreTheOutermostNumberedModules) {
 
 namespace {
 
-/// The process's resident memory in bytes (/proc/self/statm).
-size_t resident_bytes() {
-  size_t total = 0, resident = 0;
-  std::ifstream("/proc/self/statm") >> total >> resident;
-  return resident * static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-}
+using peft_test::resident_bytes;
 
 TEST(MappedPages, AReleasedWeightOfAMappedCheckpointLeavesMemoryAndNothingElseDoes) {
   const auto dir = peft_test::fresh_dir("mapped_pages");

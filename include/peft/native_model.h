@@ -177,10 +177,12 @@ class PeftModel : public peft::detail::PeftModelBase<PeftModel, NamedAdapter> {
           slot->active = true;
         }
       }
+      model.sampling_ = true;
     }
     SampleScope(const SampleScope&) = delete;
     SampleScope& operator=(const SampleScope&) = delete;
     ~SampleScope() {
+      model_->sampling_ = false;
       for (const auto& a : model_->adapters_)
         for (const auto& l : a.tuner->layers()) l.layer->slots().find(a.name)->sample_mask = torch::Tensor();
       model_->apply_active();
@@ -229,11 +231,16 @@ class PeftModel : public peft::detail::PeftModelBase<PeftModel, NamedAdapter> {
   void remove_failed(const std::string& name) { remove_adapter(name); }
 
   /// Switches every adapter's slots on or off and puts each trained tensor's
-  /// trained (active) or original (inactive) values into the model.
+  /// trained (active) or original (inactive) values into the model. Inside a
+  /// sample_adapters() scope (an adapter loaded or removed between generation
+  /// steps), the adapters with a per-sample mask stay on and the others off.
   void apply_active() {
     for (const auto& a : adapters_) {
       const bool on = is_active(a.name);
-      for (const auto& l : a.tuner->layers()) l.layer->slots().find(a.name)->active = on;
+      for (const auto& l : a.tuner->layers()) {
+        auto* slot = l.layer->slots().find(a.name);
+        slot->active = sampling_ ? slot->sample_mask.defined() : on;
+      }
       for (const auto& t : a.trained) t.param.set_data(on ? t.trained : t.original);
     }
   }
@@ -290,6 +297,7 @@ class PeftModel : public peft::detail::PeftModelBase<PeftModel, NamedAdapter> {
   }
 
   std::shared_ptr<torch::nn::Module> model_;
+  bool sampling_ = false;  // a sample_adapters() scope is open
 };
 
 }  // namespace nn

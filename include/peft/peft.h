@@ -11,6 +11,7 @@
 
 #include <peft/core/match.h>
 #include <peft/io/adapter_files.h>
+#include <peft/io/gguf.h>
 #include <peft/io/module_state.h>
 #include <peft/io/safetensors.h>
 #include <peft/quant/nf4.h>
@@ -33,6 +34,8 @@
 #include <peft/generation/generate.h>
 #include <peft/generation/hf.h>
 #include <peft/hf/auto.h>
+#include <peft/lora/gguf.h>
 #include <peft/lora/weighted.h>
 #include <peft/native_model.h>
 #include <peft/peft_model.h>
+#include <peft/serving/engine.h>

@@ -43,6 +43,16 @@ struct GenerationOptions {
   TORCH_ARG(uint64_t, seed) = 0;
   /// Use the model's forward_cached (docs/export-conventions.md) when it has one.
   TORCH_ARG(bool, use_cache) = true;
+  /// Called after every step with the tokens it added, [B] int64 (pad_token_id for a
+  /// finished row), before the next step starts: HF's `streamer.put`. Streaming
+  /// servers send them on; the model may be changed here (other adapters loaded
+  /// or removed) between steps.
+  TORCH_ARG(std::function<void(const torch::Tensor&)>, streamer) = nullptr;
+  /// Called after every step (after the streamer) with the sequences so far,
+  /// [B, T + steps] int64; returns the rows that are done, [B] bool (HF's
+  /// StoppingCriteria): they get pad_token_id from then on, and generation ends
+  /// when every row is done. E.g. a different token limit per row.
+  TORCH_ARG(std::function<torch::Tensor(const torch::Tensor&)>, stopping_criteria) = nullptr;
 
  public:  // TORCH_ARG leaves the section private
   /// Throws OptionError naming the first option out of range.
@@ -150,6 +160,8 @@ inline torch::Tensor decode(const NextLogits& next_logits, torch::Tensor sequenc
     sequences = torch::cat({sequences, next.unsqueeze(1)}, 1);
     mask = torch::cat({mask, torch::ones({mask.size(0), 1}, mask.options())}, 1);
     if (stop.numel() > 0) finished = finished | (next.unsqueeze(1) == stop.unsqueeze(0)).any(1);
+    if (o.streamer()) o.streamer()(next);
+    if (o.stopping_criteria()) finished = finished | o.stopping_criteria()(sequences).to(device);
     if (finished.all().item<bool>()) break;
   }
   return sequences;
@@ -313,6 +325,24 @@ inline torch::Tensor generate(PeftModel& model, const torch::Tensor& input_ids, 
       restore();
       throw;
     }
+  });
+}
+
+/// generate() with row b of the batch running adapter `adapter_names[b]` alone
+/// (`"__base__"`: no adapter), whatever adapters are active: HF peft's
+/// `generate(adapter_names=...)`. The TorchScript route re-runs forward on the
+/// whole sequence at every step (the adapters live in forward's graph only, not
+/// in forward_cached); peft::nn models keep their KV cache (generation/hf.h).
+/// OptionError as PeftModel::forward(inputs, adapter_names) raises it, or when
+/// the names do not match the batch's rows.
+inline torch::Tensor generate(PeftModel& model, const torch::Tensor& input_ids, const torch::Tensor& attention_mask,
+                              const GenerationOptions& options, const std::vector<std::string>& adapter_names) {
+  check<OptionError>(static_cast<int64_t>(adapter_names.size()) == input_ids.size(0),
+                     "generate: {} adapter names for a batch of {} rows", adapter_names.size(), input_ids.size(0));
+  torch::jit::Module& module = model.module();
+  return detail::in_eval_mode(module, [&] {
+    auto forward = [&](std::vector<c10::IValue> in) { return model.forward(std::move(in), adapter_names); };
+    return detail::decode(detail::uncached(forward, detail::takes_mask(module)), input_ids, attention_mask, options);
   });
 }
 

@@ -9,6 +9,7 @@
 #include <peft/core/error.h>
 #include <peft/generation/generate.h>
 #include <peft/hf/modeling.h>
+#include <peft/native_model.h>
 #include <peft/nn/sites.h>
 #include <torch/torch.h>
 
@@ -82,6 +83,30 @@ inline torch::Tensor generate(hf::CausalLMImpl& model, const torch::Tensor& inpu
   const bool prompt = detail::active_prompt_length(model) > 0, positions = !detail::adds_virtual_positions(model);
   return detail::decode(options.use_cache() && !prompt ? detail::hf_cached(model, positions) : detail::hf_uncached(model, positions),
                         input_ids, attention_mask, options);
+}
+
+/// generate() for a peft::hf causal LM adapted by `model`, with row b of the
+/// batch running adapter `adapter_names[b]` alone (`"__base__"`: no adapter),
+/// whatever adapters are active (HF peft's `generate(adapter_names=...)`), with
+/// the KV cache: each row computes what it would alone in a batch of its own.
+/// ModelError when the adapted model is not a peft::hf causal LM; OptionError
+/// as sample_adapters() raises it, or when the names do not match the rows.
+///
+/// ```
+/// auto lm = peft::hf::AutoModelForCausalLM::from_pretrained("base");
+/// auto model = peft::nn::PeftModel::from_pretrained(lm.ptr(), "adapters/sql", "sql");
+/// model.load_adapter("adapters/chat", "chat");
+/// auto batch = peft::left_pad({{9707, 11}, {40}, {12, 13}}, 0);
+/// auto out = peft::generate(model, batch.input_ids, batch.attention_mask, {}, {"sql", "chat", "__base__"});
+/// ```
+inline torch::Tensor generate(nn::PeftModel& model, const torch::Tensor& input_ids, const torch::Tensor& attention_mask,
+                              const GenerationOptions& options, const std::vector<std::string>& adapter_names) {
+  auto* lm = dynamic_cast<hf::CausalLMImpl*>(model.model().get());
+  check<ModelError>(lm != nullptr, "generate: the adapted model is not a peft::hf causal LM");
+  check<OptionError>(static_cast<int64_t>(adapter_names.size()) == input_ids.size(0),
+                     "generate: {} adapter names for a batch of {} rows", adapter_names.size(), input_ids.size(0));
+  const auto rows = model.sample_adapters(adapter_names);
+  return generate(*lm, input_ids, attention_mask, options);
 }
 
 }  // namespace peft

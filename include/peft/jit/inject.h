@@ -70,10 +70,50 @@ class Injection {
                       "the model has no parameters: a frozen or optimised export (torch.jit.freeze) keeps its "
                       "weights as constants and cannot be adapted; export the unfrozen module");
     for (auto p : base.parameters()) p.set_requires_grad(false);
-    torch::jit::Module model = base.clone(/*inplace=*/true);
+    torch::jit::Module model = clone_in_own_unit(base);
     model.register_module(kContainer, new_module(model, "Adapters"));
     return model;
   }
+
+  /// A copy of `base` sharing every tensor: its root gets a new type in a new
+  /// compilation unit (with the root's code), every submodule a new object of
+  /// the submodule's own type. Types live as long as their unit, and the base's
+  /// unit lives as long as the base: Module::clone() put a copy of the whole
+  /// model's code there for every adapted model (load / unload cycles grew the
+  /// process without bound); here the adapted model's code, and every adapter
+  /// type injected into it later, go when the adapted model goes.
+  static torch::jit::Module clone_in_own_unit(const torch::jit::Module& base) {
+    const c10::ClassTypePtr& type = base.type();
+    torch::jit::Module root(*type->name(), std::make_shared<torch::jit::CompilationUnit>(), /*shouldMangle=*/false);
+    for (size_t i = 0; i < type->numAttributes(); ++i) {
+      root.type()->addAttribute(type->getAttributeName(i), type->getAttribute(i), type->is_parameter(i), type->is_buffer(i));
+      root._ivalue()->setSlot(i, copy_objects(base._ivalue()->getSlot(i)));
+    }
+    for (size_t i = 0; i < type->numConstants(); ++i) root.type()->addConstant(type->getConstantName(i), type->getConstant(i));
+    auto remap = [&](c10::TypePtr t) -> c10::TypePtr { return t == type ? root.type() : t; };
+    for (torch::jit::Function* method : type->methods()) {
+      auto graph = torch::jit::toGraphFunction(*method).graph()->copy();
+      graph->remapTypes(remap);
+      torch::jit::Function* fn = root._ivalue()->compilation_unit()->create_function(
+          c10::QualifiedName(*root.type()->name(), method->name()), std::move(graph));
+      fn->setSchema(method->getSchema().cloneWithRemappedTypes(remap));
+      root.type()->addMethod(fn);
+    }
+    return root;
+  }
+
+ private:
+  /// `value`, or for a module a new object of its type holding copies of its submodules and its other values.
+  static c10::IValue copy_objects(const c10::IValue& value) {
+    if (!value.isModule()) return value;
+    const c10::intrusive_ptr<c10::ivalue::Object> object = value.toObject();
+    auto copy = c10::ivalue::Object::create(c10::StrongTypePtr(object->compilation_unit(), object->type()),
+                                            object->slots().size());
+    for (size_t i = 0; i < object->slots().size(); ++i) copy->setSlot(i, copy_objects(object->getSlot(i)));
+    return copy;
+  }
+
+ public:
 
   /// Adds adapter `adapter_name` to a model made by adapted_clone(); `from_file`:
   /// its config was read from a file (see TargetRule::from_file).
