@@ -14,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <unistd.h>
 #include <map>
 #include <random>
 
@@ -342,6 +343,11 @@ class Server {
 
 }  // namespace
 
+/// SIGINT / SIGTERM reach any thread (OpenBLAS starts its own before main): the handler only writes to this
+/// pipe, and a thread reading it stops the server.
+int stop_pipe[2] = {-1, -1};
+extern "C" void on_stop_signal(int) { [[maybe_unused]] auto n = write(stop_pipe[1], "s", 1); }
+
 int main(int argc, char** argv) {
   return peft_examples::run_program("peft-serve", [&] {
     CLI::App app{"OpenAI-style completions over a Hugging Face causal-LM folder and adapters loaded at run time"};
@@ -366,13 +372,6 @@ int main(int argc, char** argv) {
     if (name.empty()) name = fs::absolute(model_dir).lexically_normal().filename().string();
     if (name.empty()) name = fs::absolute(model_dir).lexically_normal().parent_path().filename().string();
 
-    // SIGINT / SIGTERM end the server cleanly (a thread waits for them).
-    sigset_t signals;
-    sigemptyset(&signals);
-    sigaddset(&signals, SIGINT);
-    sigaddset(&signals, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-
     std::vector<std::pair<std::string, std::string>> named;  // (name, folder)
     for (const auto& spec : adapters) {
       const auto eq = spec.find('=');
@@ -384,13 +383,17 @@ int main(int argc, char** argv) {
     const int bound = server.bind(host, port);
     fmt::print("peft-serve: serving '{}' with {} adapter(s) on http://{}:{}\n", name, adapters.size(), host, bound);
     std::fflush(stdout);
+    if (pipe(stop_pipe) != 0) throw std::runtime_error("peft-serve: no pipe for the stop signals");
+    struct sigaction action {};
+    action.sa_handler = on_stop_signal;
+    sigaction(SIGINT, &action, nullptr);
+    sigaction(SIGTERM, &action, nullptr);
     std::thread waiter([&] {
-      int signal = 0;
-      sigwait(&signals, &signal);
-      server.stop();
+      char byte = 0;
+      if (read(stop_pipe[0], &byte, 1) == 1 && byte == 's') server.stop();
     });
     server.listen();
-    pthread_kill(waiter.native_handle(), SIGTERM);  // (ended otherwise: let the waiter go)
+    [[maybe_unused]] auto n = write(stop_pipe[1], "e", 1);  // (ended otherwise: let the waiter go)
     waiter.join();
     return 0;
   });

@@ -97,11 +97,13 @@ class Engine {
   }
 
   /// Queues `request`; the future gives its Completion, or throws the error that
-  /// stopped it. OptionError now for an empty prompt or an adapter not loaded.
+  /// stopped it. OptionError now for an empty prompt or an adapter not loaded;
+  /// ModelError once the engine is stopping.
   std::future<Completion> submit(CompletionRequest request) {
     check<OptionError>(!request.prompt.empty(), "the prompt is empty");
     request.options.validate();
     std::lock_guard<std::mutex> lock(mutex_);
+    check<ModelError>(!stopping_, "the engine is stopping");
     require_known(request.adapter);
     requests_.push_back({std::move(request), {}});
     auto future = requests_.back().result.get_future();
