@@ -205,10 +205,11 @@ TEST(LiveAdapters, AThousandLoadUnloadCyclesDoNotGrowTheProcess) {
 // ------------------------------------------------------------------ the engine
 
 /// A small Llama folder with tiny-llama's byte-level tokenizer (examples/train/tiny-llama),
-/// random weights, and adapters "a" and "b" beside it (made once per process).
+/// random weights, and adapters "a", "b" and "c" beside it (made once per process, in a folder
+/// of its own: ctest runs each test in a process, several at once).
 const fs::path& serving_model_dir() {
   static const fs::path dir = [] {
-    const fs::path root = peft_test::fresh_dir("serving_model"), model = root / "tiny";
+    const fs::path root = peft_test::fresh_dir("serving_model_" + std::to_string(::getpid())), model = root / "tiny";
     fs::create_directories(model);
     json config = json::parse(std::ifstream(fs::path(PEFT_SOURCE_DIR) / "examples/train/tiny-llama/config.json"));
     config["hidden_size"] = 64, config["intermediate_size"] = 128, config["num_hidden_layers"] = 2;
@@ -223,6 +224,13 @@ const fs::path& serving_model_dir() {
       write_serving_adapter(peft::hf::AutoModelForCausalLM::from_pretrained(model), root / name, seed, "all-linear");
     return model;
   }();
+  static const struct RemovedAtExit {
+    fs::path root;
+    ~RemovedAtExit() {
+      std::error_code ignored;
+      fs::remove_all(root, ignored);
+    }
+  } removed{dir.parent_path()};
   return dir;
 }
 fs::path serving_adapter(const std::string& name) { return serving_model_dir().parent_path() / name; }
