@@ -167,6 +167,12 @@ inline torch::Tensor decode(const NextLogits& next_logits, torch::Tensor sequenc
   return sequences;
 }
 
+/// OptionError unless a mixed-adapter batch names one adapter per row of `input_ids`.
+inline void check_one_name_per_row(const std::vector<std::string>& adapter_names, const torch::Tensor& input_ids) {
+  check<OptionError>(static_cast<int64_t>(adapter_names.size()) == input_ids.size(0),
+                     "generate: {} adapter names for a batch of {} rows", adapter_names.size(), input_ids.size(0));
+}
+
 /// Whether forward takes an attention mask after the ids.
 inline bool takes_mask(const torch::jit::Module& model) {
   return model.get_method("forward").function().getSchema().arguments().size() >= 3;  // self, ids, mask
@@ -337,8 +343,7 @@ inline torch::Tensor generate(PeftModel& model, const torch::Tensor& input_ids, 
 /// the names do not match the batch's rows.
 inline torch::Tensor generate(PeftModel& model, const torch::Tensor& input_ids, const torch::Tensor& attention_mask,
                               const GenerationOptions& options, const std::vector<std::string>& adapter_names) {
-  check<OptionError>(static_cast<int64_t>(adapter_names.size()) == input_ids.size(0),
-                     "generate: {} adapter names for a batch of {} rows", adapter_names.size(), input_ids.size(0));
+  detail::check_one_name_per_row(adapter_names, input_ids);
   torch::jit::Module& module = model.module();
   return detail::in_eval_mode(module, [&] {
     auto forward = [&](std::vector<c10::IValue> in) { return model.forward(std::move(in), adapter_names); };

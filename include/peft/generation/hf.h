@@ -103,8 +103,7 @@ inline torch::Tensor generate(nn::PeftModel& model, const torch::Tensor& input_i
                               const GenerationOptions& options, const std::vector<std::string>& adapter_names) {
   auto* lm = dynamic_cast<hf::CausalLMImpl*>(model.model().get());
   check<ModelError>(lm != nullptr, "generate: the adapted model is not a peft::hf causal LM");
-  check<OptionError>(static_cast<int64_t>(adapter_names.size()) == input_ids.size(0),
-                     "generate: {} adapter names for a batch of {} rows", adapter_names.size(), input_ids.size(0));
+  detail::check_one_name_per_row(adapter_names, input_ids);
   const auto rows = model.sample_adapters(adapter_names);
   return generate(*lm, input_ids, attention_mask, options);
 }
