@@ -169,7 +169,8 @@ TEST(GgufIo, RoundTripsMetadataAndTensors) {
                                                                             peft::io::GgufValue::of(uint32_t{9})}));
   f.set("general.alignment", peft::io::GgufValue::of(uint32_t{64}));
   const torch::Tensor a = torch::randn({3, 5}), b = torch::randn({7}).to(torch::kHalf), c = torch::randn({2, 3, 4}).to(torch::kBFloat16);
-  f.tensors = {{"a", a}, {"b", b}, {"c", c.transpose(0, 2)}};  // not contiguous: written in its logical order
+  // c is not contiguous (written in its logical order); an empty tensor has no data pointer
+  f.tensors = {{"a", a}, {"b", b}, {"c", c.transpose(0, 2)}, {"empty", torch::zeros({0, 4})}};
   peft::io::save_gguf(path, f);
   EXPECT_EQ(fs::file_size(path) % 64, 0u);
   const peft::io::GgufFile g = peft::io::load_gguf(path);
@@ -182,6 +183,7 @@ TEST(GgufIo, RoundTripsMetadataAndTensors) {
   EXPECT_TRUE(torch::equal(g.tensor("a"), a));
   EXPECT_TRUE(torch::equal(g.tensor("b"), b));
   EXPECT_TRUE(torch::equal(g.tensor("c"), c.transpose(0, 2)));
+  EXPECT_EQ(g.tensor("empty").sizes(), (std::vector<int64_t>{0, 4}));
   expect_error<peft::FileError>([&] { g.get<uint32_t>("a.float"); }, {"'a.float' is float32, expected uint32", "x.gguf"});
   expect_error<peft::FileError>([&] { g.get_string("missing"); }, {"no metadata 'missing'"});
 }

@@ -273,7 +273,7 @@ inline std::string to_gguf(const GgufFile& file, const std::string& target = "GG
   }
   out.resize(detail::gguf_pad(out.size(), alignment), '\0');
   for (const auto& t : data) {
-    out.append(static_cast<const char*>(t.data_ptr()), t.nbytes());
+    if (t.nbytes() > 0) out.append(static_cast<const char*>(t.data_ptr()), t.nbytes());  // empty: data_ptr null
     out.resize(detail::gguf_pad(out.size(), alignment), '\0');
   }
   return out;
@@ -407,7 +407,7 @@ inline GgufFile from_gguf(const std::string& bytes, const std::string& source) {
                      "'{}': tensor '{}' ({} bytes at offset {}) extends past the end of the file", source, info.name,
                      size, info.offset);
     torch::Tensor t = torch::empty(info.shape, torch::TensorOptions().dtype(info.dtype));
-    std::memcpy(t.data_ptr(), bytes.data() + data_start + info.offset, size);
+    if (size > 0) std::memcpy(t.data_ptr(), bytes.data() + data_start + info.offset, size);  // empty: data_ptr null
     file.tensors.emplace_back(info.name, t);
   }
   return file;

@@ -132,7 +132,7 @@ inline std::string to_safetensors(const std::map<std::string, torch::Tensor>& te
   out += json;
   out.reserve(out.size() + offset);
   for (const auto& [name, t] : order)
-    out.append(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.numel() * t.element_size()));
+    if (t.nbytes() > 0) out.append(static_cast<const char*>(t.data_ptr()), t.nbytes());  // empty: data_ptr null
   return out;
 }
 
