@@ -227,7 +227,9 @@ inline io::GgufFile gguf_adapter(const std::filesystem::path& adapter_dir, const
   };
   std::map<std::string, Pair> pairs;  // by HF module name
   const std::string prefix = io::kKeyPrefix;
-  for (const auto& [key, t] : weights.tensors) {
+  for (const auto& entry : weights.tensors) {
+    const std::string& key = entry.first;  // not a structured binding: C++17 lambdas cannot capture those (clang)
+    const torch::Tensor& t = entry.second;
     const auto factor = [&](const std::string& suffix) {
       return key.size() > prefix.size() + suffix.size() && key.rfind(prefix, 0) == 0 &&
              key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0;
