@@ -22,8 +22,8 @@ ldd "$B/tests/peft_tests" | grep -q libubsan || { echo "hardening: $B/tests/peft
 # Only leaks inside LibTorch are suppressed (fuzz/lsan.supp); any report fails its test.
 export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
-# consumer_* build a separate CMake project against the installed headers: no code of ours runs there.
+# consumer.*, headers.* and docs.* build or read the headers with other tools: no code of ours runs there.
 # The program and benchmark-script checks need peft-finetune and peft-inspect, which scripts/test.sh builds and runs.
-ctest --test-dir "$B" -j "$JOBS" --output-on-failure -E '^(consumer|example\.programs_as_a_user_meets_them|benchmarks\.)'
+ctest --test-dir "$B" -j "$JOBS" --output-on-failure -E '^(consumer|headers|docs|example\.programs_as_a_user_meets_them|benchmarks\.)'
 
 PARALLEL=1 fuzz/run.sh "${FUZZ_SECONDS:-60}"
