@@ -11,7 +11,7 @@ import sys
 
 METHODS = {"bitfit", "bottleneck", "ia3", "lora", "prefix", "prompt", "vera"}
 # Layer of a header, bottom to top; a method extra that needs a PeftModel sits above it.
-SPECIAL = {"version.h": 0, "quant/nf4.h": 1, "quant/inject.h": 2, "tuner.h": 3, "peft_model_base.h": 5, "peft_model.h": 5, "native_model.h": 5,
+SPECIAL = {"version.h": 0, "quant/nf4.h": 1, "quant/inject.h": 2, "tuner.h": 3, "methods.h": 5, "peft_model_base.h": 5, "peft_model.h": 5, "native_model.h": 5,
            "lora/weighted.h": 6, "checkpoint.h": 6, "peft.h": 7}
 BY_FOLDER = {"core": 0, "io": 1, "jit": 2, "nn": 2, "hf": 2, "generation": 6, "distributed": 6, "serving": 6}
 

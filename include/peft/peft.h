@@ -21,14 +21,8 @@
 #include <peft/nn/slots.h>
 #include <peft/tuner.h>
 
-// The methods: one line each registers a method (its folder's method.h).
-#include <peft/bitfit/method.h>
-#include <peft/bottleneck/method.h>
-#include <peft/ia3/method.h>
-#include <peft/lora/method.h>
-#include <peft/prefix/method.h>
-#include <peft/prompt/method.h>
-#include <peft/vera/method.h>
+// The methods (one line each in methods.h, which reads any of them from adapter_config.json).
+#include <peft/methods.h>
 
 #include <peft/checkpoint.h>
 #include <peft/generation/generate.h>

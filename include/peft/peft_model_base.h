@@ -7,6 +7,7 @@
 #include <peft/core/error.h>
 #include <peft/core/trainable.h>
 #include <peft/io/adapter_files.h>
+#include <peft/methods.h>
 #include <peft/tuner.h>
 
 #include <filesystem>

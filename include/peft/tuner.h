@@ -1,11 +1,11 @@
 #pragma once
 /// @file
-/// What a method provides to the generic machinery, and the registry of methods.
+/// What a method provides to the generic machinery.
 ///
 /// A method folder specialises `Method<TheConfig>` (deriving from
-/// MethodDefaults<TheConfig>) and registers it once with register_method; from
-/// then on PeftConfig, PeftModel and the adapter files handle it without
-/// naming it (docs/adding-a-method.md).
+/// MethodDefaults<TheConfig>) and is listed once in peft/methods.h; from then
+/// on PeftConfig, PeftModel and the adapter files handle it without naming it
+/// (docs/adding-a-method.md).
 
 #include <peft/core/error.h>
 #include <peft/io/adapter_files.h>
@@ -14,7 +14,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include <map>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -33,7 +32,6 @@ namespace peft {
 ///   static MyConfig from_json(io::ConfigReader&);           // the config, set up for loading weights
 ///   static constexpr auto native_tuner = &my_method::native_tuner;  // torch::nn models (optional)
 /// };
-/// inline const bool kMyMethodRegistered = register_method<MyConfig>();
 /// ```
 template <typename Config>
 struct Method;
@@ -72,7 +70,7 @@ class PeftConfig {
   /// No method yet; using it throws OptionError.
   PeftConfig() = default;
 
-  /// The config of a registered method.
+  /// The config of a method (one with a Method<C>).
   template <typename C, typename = std::enable_if_t<!std::is_same<std::decay_t<C>, PeftConfig>::value>>
   PeftConfig(C config) : impl_(std::make_shared<Model<C>>(std::move(config))) {}  // NOLINT: implicit by design
 
@@ -175,42 +173,5 @@ class PeftConfig {
 
 /// Whether `config` is prompt or prefix tuning (one such adapter per model, alone).
 inline bool is_prompt_learning(const PeftConfig& config) { return config.prompt_learning(); }
-
-namespace detail {
-
-using ConfigFromJson = PeftConfig (*)(io::ConfigReader&);
-
-/// The registered methods by peft_type.
-inline std::map<std::string, ConfigFromJson>& method_registry() {
-  static std::map<std::string, ConfigFromJson> registry;
-  return registry;
-}
-
-}  // namespace detail
-
-/// Makes method `C` known to config_from_json (its folder does this once).
-template <typename C>
-bool register_method() {
-  detail::method_registry()[Method<C>::peft_type] = [](io::ConfigReader& r) { return PeftConfig(Method<C>::from_json(r)); };
-  return true;
-}
-
-/// The PeftConfig an adapter_config.json (read from `source`) describes, set up
-/// for loading weights (no random or base-changing initialisation). FileError
-/// for an unknown peft_type or a missing, mistyped or unsupported field.
-inline PeftConfig config_from_json(const nlohmann::json& j, const std::string& source) {
-  io::ConfigReader reader(j, source);
-  const std::string type = reader.get<std::string>("peft_type", "", /*required=*/true);
-  const auto& registry = detail::method_registry();
-  auto it = registry.find(type);
-  if (it == registry.end()) {
-    std::vector<std::string> known;
-    for (const auto& entry : registry) known.push_back(entry.first);
-    throw FileError(fmt::format("'{}': peft_type '{}' is not supported ({})", source, type, join_names(known)));
-  }
-  PeftConfig config = it->second(reader);
-  reader.check_unused();
-  return config;
-}
 
 }  // namespace peft

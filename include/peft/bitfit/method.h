@@ -1,6 +1,6 @@
 #pragma once
 /// @file
-/// BitFit's entry in the method registry: BitFitConfig's JSON (peft_type
+/// BitFit's entry in the method list (peft/methods.h): BitFitConfig's JSON (peft_type
 /// "BITFIT", a method HF peft lacks) and its TorchScript tuner.
 
 #include <peft/bitfit/inject.h>
@@ -36,7 +36,5 @@ struct Method<BitFitConfig> : MethodDefaults<BitFitConfig> {
 
 };
 
-/// Registers BitFit (once per program).
-inline const bool kBitFitRegistered = register_method<BitFitConfig>();
 
 }  // namespace peft

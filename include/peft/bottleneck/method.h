@@ -1,6 +1,6 @@
 #pragma once
 /// @file
-/// Bottleneck adapters' entry in the method registry: BottleneckConfig's JSON
+/// Bottleneck adapters' entry in the method list (peft/methods.h): BottleneckConfig's JSON
 /// (peft_type "BOTTLENECK_ADAPTER", fields in HF's style) and its TorchScript tuner.
 
 #include <peft/bottleneck/inject.h>
@@ -66,7 +66,5 @@ struct Method<BottleneckConfig> : MethodDefaults<BottleneckConfig> {
   static bool needs_module_boundaries(const BottleneckConfig&) { return true; }
 };
 
-/// Registers bottleneck adapters (once per program).
-inline const bool kBottleneckRegistered = register_method<BottleneckConfig>();
 
 }  // namespace peft

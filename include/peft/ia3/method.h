@@ -1,6 +1,6 @@
 #pragma once
 /// @file
-/// IA3's entry in the method registry: IA3Config's HF JSON (peft_type "IA3") and its TorchScript tuner.
+/// IA3's entry in the method list (peft/methods.h): IA3Config's HF JSON (peft_type "IA3") and its TorchScript tuner.
 
 #include <peft/ia3/inject.h>
 #include <peft/ia3/native.h>
@@ -51,7 +51,5 @@ struct Method<IA3Config> : MethodDefaults<IA3Config> {
   static bool rescales_layers(const IA3Config&) { return true; }
 };
 
-/// Registers IA3 (once per program).
-inline const bool kIA3Registered = register_method<IA3Config>();
 
 }  // namespace peft

@@ -168,12 +168,14 @@ inline io::GgufFile gguf_adapter(const std::filesystem::path& adapter_dir, const
   const nlohmann::json j = io::read_adapter_config(adapter_dir);
   const std::string config_path = (adapter_dir / io::kConfigFile).string();
   const std::string peft_type = j.contains("peft_type") && j["peft_type"].is_string() ? j["peft_type"].get<std::string>() : "";
-  check<OptionError>(peft_type.empty() || peft_type == "LORA",  // empty: config_from_json says what is wrong
+  check<OptionError>(peft_type.empty() || peft_type == "LORA",  // empty: the reader says what is wrong
                      "'{}': peft_type '{}' cannot be exported to llama.cpp: {}, and llama.cpp's GGUF adapters hold LoRA "
                      "pairs (lora_a, lora_b) on weight matrices only",
                      config_path, peft_type, detail::gguf_refusal(peft_type));
-  const PeftConfig any = config_from_json(j, config_path);
-  const LoraConfig& c = *any.get_if<LoraConfig>();
+  io::ConfigReader config_reader(j, config_path);  // what config_from_json does for LoRA (peft/methods.h is above this layer)
+  config_reader.get<std::string>("peft_type", "", /*required=*/true);
+  const LoraConfig c = Method<LoraConfig>::from_json(config_reader);
+  config_reader.check_unused();
   check<OptionError>(!c.use_dora(),
                      "'{}': use_dora: DoRA rescales each output by a trained magnitude (lora_magnitude_vector) over the "
                      "normalised W + B·A; llama.cpp's LoRA only adds scale·B·A, so it cannot represent DoRA (merge the "

@@ -1,6 +1,6 @@
 #pragma once
 /// @file
-/// LoRA's entry in the method registry: LoraConfig's HF JSON (peft_type "LORA"),
+/// LoRA's entry in the method list (peft/methods.h): LoraConfig's HF JSON (peft_type "LORA"),
 /// its TorchScript tuner, and QLoRA's quantisation of the base model.
 
 #include <peft/lora/config.h>
@@ -109,7 +109,5 @@ struct Method<LoraConfig> : MethodDefaults<LoraConfig> {
   }
 };
 
-/// Registers LoRA (once per program).
-inline const bool kLoraRegistered = register_method<LoraConfig>();
 
 }  // namespace peft

@@ -1,6 +1,6 @@
 #pragma once
 /// @file
-/// Prefix tuning's entry in the method registry: PrefixTuningConfig's HF JSON
+/// Prefix tuning's entry in the method list (peft/methods.h): PrefixTuningConfig's HF JSON
 /// (peft_type "PREFIX_TUNING") and its TorchScript tuner.
 
 #include <peft/prefix/inject.h>
@@ -45,7 +45,5 @@ struct Method<PrefixTuningConfig> : MethodDefaults<PrefixTuningConfig> {
   static bool prompt_learning(const PrefixTuningConfig&) { return true; }
 };
 
-/// Registers prefix tuning (once per program).
-inline const bool kPrefixTuningRegistered = register_method<PrefixTuningConfig>();
 
 }  // namespace peft

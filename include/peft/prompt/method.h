@@ -1,6 +1,6 @@
 #pragma once
 /// @file
-/// Prompt tuning's entry in the method registry: PromptTuningConfig's HF JSON
+/// Prompt tuning's entry in the method list (peft/methods.h): PromptTuningConfig's HF JSON
 /// (peft_type "PROMPT_TUNING") and its TorchScript tuner.
 
 #include <peft/prompt/inject.h>
@@ -44,7 +44,5 @@ struct Method<PromptTuningConfig> : MethodDefaults<PromptTuningConfig> {
   static bool prompt_learning(const PromptTuningConfig&) { return true; }
 };
 
-/// Registers prompt tuning (once per program).
-inline const bool kPromptTuningRegistered = register_method<PromptTuningConfig>();
 
 }  // namespace peft

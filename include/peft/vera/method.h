@@ -1,6 +1,6 @@
 #pragma once
 /// @file
-/// VeRA's entry in the method registry: VeraConfig's HF JSON (peft_type "VERA") and its TorchScript tuner.
+/// VeRA's entry in the method list (peft/methods.h): VeraConfig's HF JSON (peft_type "VERA") and its TorchScript tuner.
 
 #include <peft/tuner.h>
 #include <peft/vera/config.h>
@@ -67,7 +67,5 @@ struct Method<VeraConfig> : MethodDefaults<VeraConfig> {
   static VeraConfig for_loading(const VeraConfig& c) { return VeraConfig(c).init_weights(true); }
 };
 
-/// Registers VeRA (once per program).
-inline const bool kVeraRegistered = register_method<VeraConfig>();
 
 }  // namespace peft
